@@ -1,0 +1,78 @@
+"""Which primitive and which colour does an image show? The automatic judge of the shapes prior.
+
+A sample is judged against renders of the true primitives, not against a learned classifier: its
+foreground silhouette is matched (IoU) to a bank of silhouettes of every primitive seen from the
+camera rig, and its mean foreground colour to the mean shaded colour of every known colour. Used to
+measure the prior's prompt-following rate and, in the benchmarks, which mode a 3-D result fell into.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from server.cameras import Camera, OrbitRig, orbit_c2w
+from server.shading import BACKGROUND, sample_light_dirs
+from server.shapes.dataset import render_primitive
+from server.shapes.primitives import COLOURS, SHAPES
+
+FOREGROUND_THRESHOLD = 0.12  # max-channel distance from the white background
+
+
+@dataclass(frozen=True)
+class Judgement:
+    shape: str
+    colour: str
+    silhouette_iou: float  # best IoU against the bank of the judged shape
+    colour_distance: float  # RGB distance to the judged colour's reference
+
+
+def foreground(images: np.ndarray) -> np.ndarray:
+    """[N, S, S] bool: pixels that differ from the background."""
+    return np.abs(images - np.asarray(BACKGROUND)).max(axis=-1) > FOREGROUND_THRESHOLD
+
+
+@lru_cache(maxsize=4)
+def _references(size: int, views_per_shape: int = 48, seed: int = 1234) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Silhouette bank [S*V, size, size], its shape ids, and reference colours [K, 3]."""
+    rng = np.random.default_rng(seed)
+    rig = OrbitRig()
+    masks, ids = [], []
+    colour_sums = np.zeros((len(COLOURS), 3))
+    colour_counts = np.zeros(len(COLOURS))
+    for s, shape in enumerate(SHAPES):
+        for v, (e, a, r, f) in enumerate(rig.sample_angles(rng, views_per_shape)):
+            camera = Camera(orbit_c2w(e, a, r), math.radians(f))
+            k = (s * views_per_shape + v) % len(COLOURS)
+            light = sample_light_dirs(rng, camera.position[None])[0]
+            image = render_primitive(shape, COLOURS[list(COLOURS)[k]], camera, size, light)
+            mask = foreground(image[None])[0]
+            masks.append(mask)
+            ids.append(s)
+            colour_sums[k] += image[mask].mean(axis=0)
+            colour_counts[k] += 1
+    return np.stack(masks), np.array(ids), colour_sums / colour_counts[:, None]
+
+
+def judge(images: np.ndarray) -> list[Judgement]:
+    """Judge [N, S, S, 3] images in [0, 1] (row 0 = top)."""
+    size = images.shape[1]
+    bank, bank_ids, colour_refs = _references(size)
+    masks = foreground(images)
+    flat_bank = bank.reshape(len(bank), -1).astype(np.float32)
+    results = []
+    for image, mask in zip(images, masks, strict=True):
+        flat = mask.reshape(-1).astype(np.float32)
+        inter = flat_bank @ flat
+        union = flat_bank.sum(1) + flat.sum() - inter
+        iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+        best_per_shape = np.array([iou[bank_ids == s].max() for s in range(len(SHAPES))])
+        s = int(best_per_shape.argmax())
+        mean_colour = image[mask].mean(axis=0) if mask.any() else np.asarray(BACKGROUND, dtype=float)
+        distances = np.linalg.norm(colour_refs - mean_colour, axis=1)
+        k = int(distances.argmin())
+        results.append(Judgement(SHAPES[s], list(COLOURS)[k], float(best_per_shape[s]), float(distances[k])))
+    return results
