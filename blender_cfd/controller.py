@@ -1,0 +1,517 @@
+"""The job state machine between the panel and the server, and `pump()`, its main-thread step.
+
+The server runs in its own process (or at a remote address); the client's reader thread decodes
+frames into a queue. `pump()` drains that queue on Blender's main thread, applies only the newest
+preview mesh and texture, and turns the final frame into a variant. In Blender a timer calls
+`tick()` (which pumps and redraws); without an event loop (bpy as a module, `blender -b`) timers
+never fire, so scripts and tests call `pump()` or `wait()` directly.
+
+Datablocks are looked up by name on every pump: undo and file loads free the Python objects.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shlex
+import subprocess
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import bpy
+import numpy as np
+from bpy.app.handlers import persistent
+
+from ..server import client, protocol
+from . import environment, glb, jobs, scene_objects
+
+TICK_BUSY_SECONDS = 0.05
+TICK_IDLE_SECONDS = 0.5
+CANCEL_TIMEOUT_SECONDS = 15.0  # then the server is killed: a job must not hold the GPU forever
+CONNECT_TIMEOUT_SECONDS = 5.0
+SERVER_ARGS_ENV = "BLENDER_CFD_SERVER_ARGS"  # development / tests: extra `serve` arguments (a test runner)
+PREVIEW_TEXTURE = "CFD Preview Texture"
+# Error codes whose fix lives in the server's environment: the error box offers "Check Environment".
+ENVIRONMENT_ERRORS = frozenset({"no_environment", "server_exited", protocol.MISSING_WEIGHTS})
+
+
+class Phase(Enum):
+    IDLE = "Idle"
+    STARTING = "Starting server"
+    RUNNING = "Running"
+    CANCELLING = "Cancelling"
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    total: int = 0
+    stage: str = ""
+    eta_s: float | None = None
+    elapsed_s: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.step / self.total) if self.total else 0.0
+
+
+@dataclass
+class JobError:
+    code: str
+    message: str
+    fix: str = ""
+
+
+@dataclass
+class Job:
+    job_id: str
+    job: dict
+    scene: str
+    object_name: str
+    location: tuple[float, float, float]
+    cancel_sent_at: float | None = None
+    faces: np.ndarray | None = None  # topology of the last applied preview
+    preview_step: int = -1
+
+
+TICK_KINDS = ("mesh_in_place", "mesh_new_topology", "texture", "finish", "idle")
+
+
+@dataclass
+class PumpStats:
+    """Seconds per pump by what the tick did (see `TICK_KINDS`); a frame at 60 Hz is ~16 ms."""
+
+    ticks: dict[str, deque] = field(default_factory=lambda: {kind: deque(maxlen=1000) for kind in TICK_KINDS})
+
+
+class Controller:
+    """One server connection and at most one job; everything here runs on Blender's main thread."""
+
+    def __init__(self) -> None:
+        self.connection: client.Connection | None = None
+        self.server_info: dict | None = None
+        self.job: Job | None = None
+        self.phase = Phase.IDLE
+        self.progress = Progress()
+        self.error: JobError | None = None
+        self.last_variant: str | None = None
+        self.stats = PumpStats()
+
+    @property
+    def busy(self) -> bool:
+        return self.phase is not Phase.IDLE
+
+    # ------------------------------------------------------------------------------ starting
+
+    def start(
+        self,
+        context: bpy.types.Context,
+        job: dict,
+        location: tuple[float, float, float],
+        init_mesh: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> str | None:
+        """Send a job and create the object it streams into; None (and `error` set) if it cannot start."""
+        if self.busy:
+            raise RuntimeError("a job is already running")
+        self.error = None
+        connection = self._connection()
+        if connection is None:
+            return None
+        job_id = uuid.uuid4().hex[:16]
+        obj = scene_objects.create_preview_object(context.scene, f"CFD preview {job_id[:6]}", location)
+        self.job = Job(job_id, job, context.scene.name, obj.name, tuple(location))
+        self.progress = Progress(total=int(job.get("steps", 0)), stage="Starting")
+        vertices, faces = init_mesh if init_mesh is not None else (None, None)
+        try:
+            connection.generate(job_id, job, vertices, faces)
+        except client.ConnectionClosed as closed:
+            self._server_gone(str(closed))
+            return None
+        self.phase = Phase.STARTING
+        ensure_timer()
+        return job_id
+
+    def _connection(self) -> client.Connection | None:
+        if self.connection is not None and self.connection.alive:
+            return self.connection
+        self._drop_connection()
+        from .preferences import preferences, user_folder
+
+        prefs = preferences()
+        try:
+            if prefs.remote_address.strip():
+                host, _, port = prefs.remote_address.strip().rpartition(":")
+                connection = client.TcpConnection(
+                    host.strip("[]"), int(port), prefs.remote_token, timeout=CONNECT_TIMEOUT_SECONDS
+                )
+            else:
+                python = prefs.server_python()
+                if python is None or not python.exists():
+                    self.error = JobError(
+                        "no_environment",
+                        "No server environment yet" if python is None else f"Python not found: {python}",
+                        "Preferences › Add-ons › CFD: click Set up Environment, or pick a Python with torch",
+                    )
+                    return None
+                args = ["--output-root", str(prefs.output_folder())]
+                args += shlex.split(os.environ.get(SERVER_ARGS_ENV, ""))
+                connection = client.ServerProcess(
+                    python,
+                    args,
+                    cwd=environment.EXTENSION_ROOT,
+                    env=environment.server_environment(),
+                    log_path=user_folder("logs") / "server.log",
+                )
+            connection.send(protocol.client_hello("blender-cfd", connection.token))
+        except (OSError, ValueError, client.ConnectionClosed) as error:
+            self.error = JobError(
+                "no_environment",
+                f"Cannot start or reach the server: {error}",
+                "Check the interpreter or remote address in the extension's preferences",
+            )
+            return None
+        self.connection = connection
+        return connection
+
+    # ------------------------------------------------------------------------------ cancelling
+
+    def cancel(self, remove_object: bool = True) -> None:
+        """Ask the server to stop; the phase stays CANCELLING until it confirms (or is killed)."""
+        job = self.job
+        if job is None or job.cancel_sent_at is not None or self.connection is None:
+            return
+        job.cancel_sent_at = time.monotonic()
+        self.phase = Phase.CANCELLING
+        self.progress.stage = "Cancelling"
+        if remove_object:
+            self._remove_preview()
+        try:
+            self.connection.cancel(job.job_id)
+        except client.ConnectionClosed as closed:
+            self._server_gone(str(closed))
+
+    def on_file_load(self) -> None:
+        """Another .blend is loading: its objects replace ours, so stop the job without touching them."""
+        self.cancel(remove_object=False)
+        self.last_variant = None
+
+    def shutdown(self) -> None:
+        """Stop the server (quitting Blender, disabling the extension, or "Stop Server")."""
+        if self.job is not None and self.job.cancel_sent_at is None:
+            self.cancel(remove_object=False)
+        self._drop_connection()
+        self.job = None
+        self.phase = Phase.IDLE
+
+    # ------------------------------------------------------------------------------ the pump
+
+    def pump(self) -> None:
+        """Apply what arrived since the last call. Never blocks; call it from the main thread."""
+        started = time.perf_counter()
+        kind = self._pump()
+        if kind is not None:
+            self.stats.ticks[kind].append(time.perf_counter() - started)
+
+    def _pump(self) -> str | None:
+        """One pump; returns what the tick did (one of `TICK_KINDS`) for the stats."""
+        connection = self.connection
+        if connection is None:
+            return None
+        latest_mesh = latest_texture = None
+        for message in connection.poll():
+            kind = message.type
+            if kind == protocol.HELLO:
+                self.server_info = dict(message.header)
+                continue
+            if kind == protocol.PONG:
+                continue
+            if kind == protocol.ERROR and message.get("job_id") is None:
+                self._fail(_message_error(message))
+                self._drop_connection()
+                return None
+            job = self.job
+            if job is None or message.get("job_id") != job.job_id:
+                continue  # a frame of a job we already let go of
+            if kind in (protocol.ACCEPTED, protocol.PROGRESS) and self.phase is Phase.STARTING:
+                self.phase = Phase.RUNNING
+            if kind == protocol.PROGRESS:
+                self.progress = Progress(
+                    message.get("step", 0),
+                    message.get("total", 0),
+                    message.get("stage", ""),
+                    message.get("eta_s"),
+                    message.get("elapsed_s"),
+                )
+            elif kind == protocol.PREVIEW_MESH:
+                latest_mesh = message
+            elif kind == protocol.TEXTURE:
+                latest_texture = message
+            elif kind == protocol.DONE:
+                finished = job.cancel_sent_at is None
+                if finished:
+                    self._finish(message)
+                self._end_job()
+                return "finish" if finished else None
+            elif kind == protocol.CANCELLED:
+                self._end_job()
+                return None
+            elif kind == protocol.ERROR:
+                self._fail(_message_error(message))
+                return None
+        if not connection.alive:
+            self._server_gone(connection.closed_reason or "the connection closed")
+            return None
+        job = self.job
+        if job is None:
+            return None
+        if job.cancel_sent_at is not None:
+            if time.monotonic() - job.cancel_sent_at > CANCEL_TIMEOUT_SECONDS:
+                self._drop_connection()  # it did not stop: kill it, the next job starts a fresh one
+                self._end_job()
+            return None
+        obj = self._preview_object()
+        if obj is None:  # the user deleted it (or undid past it): nothing left to stream into
+            self.cancel(remove_object=False)
+            return None
+        kind = "texture" if latest_texture is not None else "idle"
+        if latest_mesh is not None:
+            kind = "mesh_in_place" if self._apply_mesh(obj, latest_mesh) else "mesh_new_topology"
+        if latest_texture is not None:
+            self._apply_texture(latest_texture)
+        return kind
+
+    def wait(self, timeout: float = 3600.0, interval: float = 0.02) -> bool:
+        """Pump until the job ends (scripts and `blender -b`, where no timer runs); True if it ended."""
+        deadline = time.monotonic() + timeout
+        while self.busy and time.monotonic() < deadline:
+            self.pump()
+            time.sleep(interval)
+        return not self.busy
+
+    def tick(self) -> float | None:
+        """The timer's body: pump, redraw the sidebar, and say when to come back (None: stop)."""
+        self.pump()
+        tag_redraw()
+        if self.busy:
+            return TICK_BUSY_SECONDS
+        if self.connection is not None:
+            return TICK_IDLE_SECONDS
+        return None
+
+    # ------------------------------------------------------------------------------ applying
+
+    def _preview_object(self) -> bpy.types.Object | None:
+        job = self.job
+        scene = bpy.data.scenes.get(job.scene) if job is not None else None
+        obj = bpy.data.objects.get(job.object_name) if scene is not None else None
+        if obj is None or scene.objects.get(obj.name) is None or not isinstance(obj.data, bpy.types.Mesh):
+            return None
+        return obj
+
+    def _apply_mesh(self, obj: bpy.types.Object, message: protocol.Message) -> bool:
+        """Show a preview mesh; True if it only moved vertices (same faces as the last one)."""
+        job = self.job
+        faces = message.arrays["faces"]
+        same = job.faces is not None and np.array_equal(faces, job.faces)
+        scene_objects.apply_preview(
+            obj.data, message.arrays["positions"], faces, message.arrays.get("colors"), same_topology=same
+        )
+        job.faces = faces
+        job.preview_step = message.get("step", 0)
+        return same
+
+    def _apply_texture(self, message: protocol.Message) -> None:
+        from .preferences import user_folder
+
+        png, _ = message.blobs["png"]
+        path = user_folder("cache") / "preview_texture.png"
+        path.write_bytes(png)
+        scene_objects.show_image(PREVIEW_TEXTURE, path)
+
+    def _finish(self, message: protocol.Message) -> None:
+        """The final frame: read the GLB and turn the streaming object into the named variant."""
+        job = self.job
+        try:
+            asset = glb.read_glb(self._glb_bytes(message))
+        except (OSError, glb.GlbError) as error:
+            self._fail(
+                JobError("bad_asset", f"Cannot read the finished asset: {error}", _output_fix(message))
+            )
+            return
+        out_dir = str(message.get("out_dir", ""))
+        texture_path = self._texture_file(asset, out_dir, job.job_id)
+        scene = bpy.data.scenes.get(job.scene)
+        if scene is None:
+            return
+        obj = self._preview_object() or scene_objects.create_preview_object(
+            scene, "CFD variant", job.location
+        )
+        name = scene_objects.variant_name(job.job["prompt"], job.job["seed"])
+        scene_objects.finish_variant(
+            obj, asset, texture_path, name, jobs.variant_properties(job.job, out_dir)
+        )
+        scene_objects.select_only(bpy.context, obj)
+        self.last_variant = obj.name
+        undo_push(f"CFD: {obj.name}")
+
+    @staticmethod
+    def _glb_bytes(message: protocol.Message) -> bytes:
+        if "glb" in message.blobs:  # a remote server may send the file itself
+            return message.blobs["glb"][0]
+        return Path(message.get("glb")).read_bytes()
+
+    @staticmethod
+    def _texture_file(asset: glb.GlbMesh, out_dir: str, job_id: str) -> Path | None:
+        """The base-colour image as a file beside the asset (else in our cache), to load and pack."""
+        if asset.texture is None:
+            return None
+        from .preferences import user_folder
+
+        suffix = ".jpg" if asset.texture_mime == "image/jpeg" else ".png"
+        if out_dir and Path(out_dir).is_dir():
+            path = Path(out_dir) / f"texture{suffix}"
+        else:
+            path = user_folder("cache") / f"{job_id}{suffix}"
+        if not path.exists() or path.read_bytes() != asset.texture:
+            path.write_bytes(asset.texture)
+        return path
+
+    # ------------------------------------------------------------------------------ endings
+
+    def _remove_preview(self) -> None:
+        obj = self._preview_object()
+        if obj is not None:
+            scene_objects.remove_object(obj)
+
+    def _end_job(self) -> None:
+        self.job = None
+        self.phase = Phase.IDLE
+
+    def _fail(self, error: JobError) -> None:
+        self.error = error
+        if self.job is not None and self.job.cancel_sent_at is None:
+            self._remove_preview()
+        self._end_job()
+
+    def _server_gone(self, reason: str) -> None:
+        """The server process exited or the connection broke: report it, so Generate can start anew."""
+        connection = self.connection
+        if isinstance(connection, client.ServerProcess):
+            with contextlib.suppress(subprocess.TimeoutExpired):  # its output ended: it is exiting
+                reason += f" (exit code {connection.process.wait(timeout=2.0)})"
+            errors = [line for line in connection.stderr_tail if "Error" in line]
+            if errors:  # e.g. "ModuleNotFoundError: No module named 'torch'"
+                reason += f". {errors[-1]}"
+        had_job = self.job is not None and self.job.cancel_sent_at is None
+        self._drop_connection()
+        if had_job:
+            self._fail(
+                job_error(
+                    "server_exited",
+                    f"The server stopped: {reason}",
+                    "Generate starts a new server; if it fails again, click Check Environment",
+                )
+            )
+        self._end_job()
+
+    def _drop_connection(self) -> None:
+        connection, self.connection = self.connection, None
+        self.server_info = None
+        if connection is None:
+            return
+        if isinstance(connection, client.ServerProcess):
+            if connection.process.poll() is None and self.job is not None:
+                connection.kill()  # a job is still running in it: do not wait for it to notice
+            connection.close(timeout=2.0)
+        else:  # a remote server keeps running for other sessions; leaving cancels our job there
+            connection.close()
+
+
+def job_error(code: str, message: str, fix: str = "") -> JobError:
+    """An error for the panel; a missing package in the server's environment gets the setup fix."""
+    if "No module named" in message:
+        return JobError(
+            "no_environment",
+            message,
+            "The server's Python lacks a package: click Set up Environment (or pip install requirements.txt)",
+        )
+    return JobError(code, message, fix[:1].upper() + fix[1:])
+
+
+def _message_error(message: protocol.Message) -> JobError:
+    return job_error(message.get("code", "internal"), message.get("message", ""), message.get("fix") or "")
+
+
+def _output_fix(message: protocol.Message) -> str:
+    return f"The server wrote it to {message.get('out_dir') or 'its output folder'}"
+
+
+# ---------------------------------------------------------------------------------- Blender glue
+
+_controller: Controller | None = None
+
+
+def get() -> Controller:
+    global _controller
+    if _controller is None:
+        _controller = Controller()
+    return _controller
+
+
+def _timer() -> float | None:
+    return get().tick()
+
+
+def ensure_timer() -> None:
+    if not bpy.app.timers.is_registered(_timer):
+        bpy.app.timers.register(_timer, first_interval=0.0, persistent=True)
+
+
+def tag_redraw() -> None:
+    window_manager = bpy.context.window_manager
+    if window_manager is None:
+        return
+    for window in window_manager.windows:
+        for area in window.screen.areas:
+            if area.type in {"VIEW_3D", "PREFERENCES"}:
+                area.tag_redraw()
+
+
+def undo_push(message: str) -> None:
+    """One undo step for the finished asset. Timers run without a window in context: lend one."""
+    window_manager = bpy.context.window_manager
+    if bpy.context.window is None and window_manager is not None and window_manager.windows:
+        with bpy.context.temp_override(window=window_manager.windows[0]):
+            bpy.ops.ed.undo_push(message=message)
+    else:
+        bpy.ops.ed.undo_push(message=message)
+
+
+@persistent
+def _on_load_pre(*_args) -> None:
+    if _controller is not None:
+        _controller.on_file_load()
+
+
+def _on_exit() -> None:
+    if _controller is not None:
+        _controller.shutdown()
+
+
+def register() -> None:
+    bpy.app.handlers.load_pre.append(_on_load_pre)
+    atexit.register(_on_exit)
+
+
+def unregister() -> None:
+    _on_exit()
+    atexit.unregister(_on_exit)
+    if _on_load_pre in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.remove(_on_load_pre)
+    if bpy.app.timers.is_registered(_timer):
+        bpy.app.timers.unregister(_timer)

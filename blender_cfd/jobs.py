@@ -1,0 +1,176 @@
+"""From panel settings to the server's job dict (`server/job.py` JobSpec fields), without bpy.
+
+A finished variant keeps the exact job it came from (JSON in the object's "cfd_job" property), so
+Re-roll changes only the seed and Regenerate sends the same job again: same seed and settings give
+the same asset. The operators read Blender properties into plain values and call these.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+JOB_FORMAT = "blender-cfd-job/1"
+MAX_SEED = 2**31 - 1  # Blender's IntProperty is a signed 32-bit int
+
+
+@dataclass(frozen=True)
+class QualityPreset:
+    label: str
+    description: str
+    steps: int
+    render_size: int  # pixels of each rendered view (a multiple of the priors' latent sizes)
+    texture_size: int  # baked texture side
+
+
+QUALITY_PRESETS = {
+    "DRAFT": QualityPreset("Draft", "Quick look: 300 steps, 64 px views, 512 px texture", 300, 64, 512),
+    "STANDARD": QualityPreset("Standard", "1000 steps, 128 px views, 1024 px texture", 1000, 128, 1024),
+    "HIGH": QualityPreset("High", "2500 steps, 256 px views, 2048 px texture", 2500, 256, 2048),
+}
+PRECISIONS = {"AUTO": "auto", "FP16": "fp16", "BF16": "bf16", "FP32": "fp32"}
+INIT_SHAPES = {"SPHERE": "sphere", "MESH": "mesh"}
+# Which panel value each job field comes back to on Regenerate.
+PANEL_FIELDS = ("prompt", "negative_prompt", "seed", "guidance_scale")
+
+
+def orbit_ranges(elevation_rad: tuple[float, float], radius: tuple[float, float], fov_rad: float) -> dict:
+    """An orbit rig's ranges as the job's "orbit" object (degrees)."""
+    fov = math.degrees(fov_rad)
+    return {
+        "elevation_deg": [math.degrees(elevation_rad[0]), math.degrees(elevation_rad[1])],
+        "azimuth_deg": [-180.0, 180.0],
+        "radius": [float(radius[0]), float(radius[1])],
+        "fovy_deg": [fov, fov],
+    }
+
+
+def explicit_cameras(views: list[tuple[np.ndarray, float]]) -> list[dict]:
+    """(camera-to-world relative to the asset's origin, fovy radians) pairs as the job's "cameras"."""
+    return [
+        {"c2w": np.asarray(c2w, np.float64).tolist(), "fovy_deg": math.degrees(fovy)} for c2w, fovy in views
+    ]
+
+
+def build_job(
+    *,
+    prompt: str,
+    negative_prompt: str,
+    seed: int,
+    quality: str,
+    method: str,
+    guidance_scale: float,
+    init_shape: str,
+    prior: str,
+    device: str,
+    precision: str,
+    output_dir: str,
+    orbit: dict | None = None,
+    cameras: list[dict] | None = None,
+) -> dict[str, Any]:
+    """The job dict for `protocol.generate`: panel + preferences values, with the quality preset expanded."""
+    if (orbit is None) == (cameras is None):
+        raise ValueError("give exactly one of orbit / cameras")
+    preset = QUALITY_PRESETS[quality]
+    job: dict[str, Any] = {
+        "format": JOB_FORMAT,
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seed": int(seed),
+        "method": method.lower(),
+        "prior": prior.strip() or "shapes",
+        "steps": preset.steps,
+        "render_size": preset.render_size,
+        "texture_size": preset.texture_size,
+        "guidance_scale": float(guidance_scale),
+        "init_shape": INIT_SHAPES[init_shape],
+        "device": device.lower(),
+        "precision": PRECISIONS[precision],
+        "output_dir": output_dir,
+    }
+    if orbit is not None:
+        job["orbit"] = orbit
+    else:
+        job["cameras"] = cameras
+    return job
+
+
+def quality_of(job: dict) -> str | None:
+    """The preset a job's steps / sizes came from, or None if they were set another way."""
+    for key, preset in QUALITY_PRESETS.items():
+        if (job.get("steps"), job.get("render_size"), job.get("texture_size")) == (
+            preset.steps,
+            preset.render_size,
+            preset.texture_size,
+        ):
+            return key
+    return None
+
+
+def with_machine(job: dict, *, device: str, precision: str, output_dir: str) -> dict:
+    """A stored job on this machine: where and how to run may change, what to make may not."""
+    return {**job, "device": device.lower(), "precision": PRECISIONS[precision], "output_dir": output_dir}
+
+
+def with_seed(job: dict, seed: int) -> dict:
+    return {**job, "seed": int(seed)}
+
+
+def new_seed(rng: np.random.Generator, avoid: int) -> int:
+    """A fresh seed for Re-roll, never the one being re-rolled."""
+    while True:
+        seed = int(rng.integers(0, MAX_SEED))
+        if seed != avoid:
+            return seed
+
+
+def encode_job(job: dict) -> str:
+    return json.dumps(job, sort_keys=True)
+
+
+def decode_job(text: str) -> dict:
+    job = json.loads(text)
+    if not isinstance(job, dict) or job.get("format") != JOB_FORMAT:
+        raise ValueError("not a blender-cfd job")
+    return job
+
+
+def variant_properties(job: dict, out_dir: str) -> dict[str, Any]:
+    """Custom properties of a finished variant: readable fields for people, the exact job for Regenerate."""
+    return {
+        "cfd_prompt": job["prompt"],
+        "cfd_seed": int(job["seed"]),
+        "cfd_settings": {
+            "negative_prompt": job["negative_prompt"],
+            "quality": quality_of(job) or "CUSTOM",
+            "method": job["method"].upper(),
+            "guidance_scale": job["guidance_scale"],
+            "prior": job["prior"],
+            "steps": job["steps"],
+            "render_size": job["render_size"],
+            "texture_size": job["texture_size"],
+            "init_shape": job["init_shape"],
+            "cameras": "orbit" if "orbit" in job else f"{len(job['cameras'])} fixed",
+        },
+        "cfd_job": encode_job(job),
+        "cfd_output": out_dir,
+    }
+
+
+def normalized_init_mesh(
+    vertices: np.ndarray, faces: np.ndarray, extent: float = 0.8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centre a starting mesh and scale it into the object box [-extent, extent]^3 (the grid is [-1, 1]^3)."""
+    vertices = np.asarray(vertices, np.float64)
+    if len(vertices) == 0 or len(faces) == 0:
+        raise ValueError("the starting mesh has no faces")
+    low, high = vertices.min(axis=0), vertices.max(axis=0)
+    half = float((high - low).max()) / 2.0
+    if half <= 0.0:
+        raise ValueError("the starting mesh is flat in every direction")
+    scaled = (vertices - (low + high) / 2.0) * (extent / half)
+    return scaled.astype(np.float32), np.asarray(faces, np.int32)

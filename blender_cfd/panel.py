@@ -1,0 +1,132 @@
+"""3D Viewport › Sidebar › CFD: the settings, Generate / Cancel, progress, errors, and variants.
+
+`draw` only reads state (scene settings, the controller's phase/progress/error), so a test can call
+it with a recording layout to see what each state shows.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import bpy
+
+from . import controller as job_controller
+from . import scene_objects
+
+
+def _wrapped(layout: bpy.types.UILayout, text: str, icon: str = "NONE", width: int = 42) -> None:
+    """Labels do not wrap in Blender: split long messages into lines, the icon on the first."""
+    for index, line in enumerate(textwrap.wrap(text, width) or [""]):
+        layout.label(text=line, icon=icon if index == 0 else "BLANK1")
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None or seconds < 0:
+        return "–"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class CFD_PT_generate(bpy.types.Panel):
+    bl_label = "Text to 3D"
+    bl_idname = "CFD_PT_generate"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "CFD"
+
+    def draw(self, context: bpy.types.Context) -> None:
+        layout = self.layout
+        settings = context.scene.cfd
+        job = job_controller.get()
+
+        col = layout.column()
+        col.prop(settings, "prompt", text="")
+        col.prop(settings, "negative_prompt")
+        row = col.row(align=True)
+        row.prop(settings, "seed")
+        row.operator("cfd.randomize_seed", text="", icon="FILE_REFRESH")
+        col.prop(settings, "quality")
+        col.prop(settings, "method")
+        col.prop(settings, "guidance_scale")
+
+        box = layout.box()
+        box.prop(settings, "camera_source")
+        if settings.camera_source == "RIG":
+            row = box.row(align=True)
+            row.prop(settings, "camera_rig")
+            row.operator("cfd.add_camera_rig", text="", icon="ADD")
+            if settings.camera_rig is not None:
+                rig = settings.camera_rig.cfd_rig
+                grid = box.grid_flow(columns=2, align=True)
+                for name in ("elevation_min", "elevation_max", "radius_min", "radius_max"):
+                    grid.prop(rig, name)
+                box.prop(rig, "fov")
+        else:
+            count = sum(1 for obj in context.selected_objects if obj.type == "CAMERA")
+            box.label(text=f"{count} selected camera{'s' if count != 1 else ''}", icon="CAMERA_DATA")
+        box.prop(settings, "init_shape")
+        if settings.init_shape == "MESH":
+            box.prop(settings, "init_object")
+
+        if job.busy:
+            progress = job.progress
+            text = progress.stage or job.phase.value
+            if progress.total:
+                text = f"{text} {progress.step}/{progress.total} · ETA {format_seconds(progress.eta_s)}"
+            row = layout.row(align=True)
+            row.progress(factor=progress.fraction, type="BAR", text=text)
+            row.operator("cfd.cancel", text="", icon="X")
+        else:
+            row = layout.row()
+            row.scale_y = 1.5
+            row.operator("cfd.generate", icon="PLAY")
+
+        if job.error is not None:
+            box = layout.box()
+            box.alert = True
+            _wrapped(box, job.error.message, icon="ERROR")
+            if job.error.fix:
+                _wrapped(box, job.error.fix, icon="INFO")
+            row = box.row()
+            if job.error.code in job_controller.ENVIRONMENT_ERRORS:
+                row.operator("cfd.check_environment", icon="CHECKMARK")
+            row.operator("cfd.dismiss_error", icon="X")
+
+
+class CFD_PT_variants(bpy.types.Panel):
+    bl_label = "Variants"
+    bl_idname = "CFD_PT_variants"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "CFD"
+    bl_parent_id = "CFD_PT_generate"
+
+    def draw(self, context: bpy.types.Context) -> None:
+        layout = self.layout
+        row = layout.row(align=True)
+        row.operator("cfd.reroll", icon="FILE_REFRESH")
+        row.operator("cfd.regenerate", icon="RECOVER_LAST")
+        obj = context.active_object
+        if obj is not None and "cfd_seed" in obj:
+            col = layout.column(align=True)
+            _wrapped(col, f"{obj.get('cfd_prompt', '')}", icon="OBJECT_DATA")
+            col.label(text=f"seed {obj['cfd_seed']} · {obj.get('cfd_settings', {}).get('method', '')}")
+        collection = bpy.data.collections.get(scene_objects.VARIANTS_COLLECTION)
+        count = len(collection.objects) if collection is not None else 0
+        row = layout.row()
+        row.label(text=f"{count} variant{'s' if count != 1 else ''}")
+        row.operator("cfd.open_output_folder", text="", icon="FILE_FOLDER")
+
+
+CLASSES = (CFD_PT_generate, CFD_PT_variants)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,108 @@
+"""Add-on preferences: the server's interpreter and environment, defaults, output folder, remote server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bpy
+from bpy.props import EnumProperty, StringProperty
+
+from . import ADDON_ID, environment
+
+DEVICE_ITEMS = [
+    ("AUTO", "Automatic", "CUDA if available, then Apple Metal, else CPU"),
+    ("CUDA", "CUDA", "NVIDIA GPU"),
+    ("MPS", "Metal", "Apple GPU"),
+    ("CPU", "CPU", "Slow, but runs anywhere (the shapes prior is made for it)"),
+]
+PRECISION_ITEMS = [
+    ("AUTO", "Automatic", "fp16 on GPUs, fp32 on the CPU"),
+    ("FP16", "fp16", "Half precision: half the memory (not on older GTX 16xx cards)"),
+    ("BF16", "bf16", "bfloat16: for GPUs that support it"),
+    ("FP32", "fp32", "Full precision: most memory, always works"),
+]
+BUILD_ITEMS = [
+    ("CUDA", "CUDA", "PyTorch built for NVIDIA GPUs (CUDA 12.8)"),
+    ("CPU", "CPU", "PyTorch without GPU support (smaller download)"),
+]
+
+
+def user_folder(path: str, create: bool = True) -> Path:
+    """A folder of ours under Blender's per-extension user directory (never the extension folder)."""
+    return Path(bpy.utils.extension_path_user(ADDON_ID, path=path, create=create))
+
+
+def preferences() -> CFDPreferences:
+    return bpy.context.preferences.addons[ADDON_ID].preferences
+
+
+class CFDPreferences(bpy.types.AddonPreferences):
+    bl_idname = ADDON_ID
+
+    python_path: StringProperty(
+        name="Server Python",
+        description="Interpreter with torch that runs the server (empty: the environment Set Up creates)",
+        subtype="FILE_PATH",
+    )
+    torch_build: EnumProperty(name="PyTorch Build", items=BUILD_ITEMS, default="CUDA")
+    prior: StringProperty(
+        name="Prior",
+        description="'shapes' (shipped, offline, CPU), a Stable Diffusion hub id, or a diffusers folder",
+        default="shapes",
+    )
+    device: EnumProperty(name="Device", items=DEVICE_ITEMS, default="AUTO")
+    precision: EnumProperty(name="Precision", items=PRECISION_ITEMS, default="AUTO")
+    output_dir: StringProperty(
+        name="Output Folder",
+        description="Where finished assets are written (empty: the extension's user folder)",
+        subtype="DIR_PATH",
+    )
+    remote_address: StringProperty(
+        name="Remote Server", description="host:port of a server started with --listen (empty: run locally)"
+    )
+    remote_token: StringProperty(name="Token", description="The remote server's token", subtype="PASSWORD")
+
+    def server_python(self) -> Path | None:
+        return environment.resolve_python(self.python_path, user_folder("venv", create=False))
+
+    def output_folder(self) -> Path:
+        if self.output_dir.strip():
+            return Path(bpy.path.abspath(self.output_dir.strip()))
+        return user_folder("outputs")
+
+    def draw(self, context: bpy.types.Context) -> None:
+        from . import operators
+
+        layout = self.layout
+        box = layout.box()
+        box.label(text="Server Environment", icon="CONSOLE")
+        box.prop(self, "python_path")
+        row = box.row()
+        row.operator("cfd.check_environment", icon="CHECKMARK")
+        row.prop(self, "torch_build", text="")
+        row.operator("cfd.setup_environment", icon="IMPORT")
+        state = operators.environment_state()
+        for line in state.lines():
+            box.label(text=line, icon=state.icon)
+        if not bpy.app.online_access:
+            box.label(text="Set up needs Allow Online Access (Preferences › System › Network)", icon="INFO")
+
+        col = layout.column()
+        col.prop(self, "prior")
+        row = col.row()
+        row.prop(self, "device")
+        row.prop(self, "precision")
+        col.prop(self, "output_dir")
+        col.label(text=f"Assets go to {self.output_folder()}")
+        box = layout.box()
+        box.label(text="Remote Server (optional)", icon="URL")
+        box.prop(self, "remote_address")
+        box.prop(self, "remote_token")
+
+
+def register() -> None:
+    bpy.utils.register_class(CFDPreferences)
+
+
+def unregister() -> None:
+    bpy.utils.unregister_class(CFDPreferences)

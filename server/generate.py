@@ -1,0 +1,467 @@
+"""Run one text-to-3D job: optimise a DMTet mesh and its colour field against a diffusion prior.
+
+This is the loop Blender watches and the command line runs headless (`python -m server generate`).
+Each step renders a batch of views, encodes them into the prior's space, asks the noise provider
+for eps_tilde (surface-attached for CFD, world-map for FSD, fresh for SDS), and applies the flow
+gradient of `server.distill` through the renderer. A mesh exists at every step and is streamed as
+a preview; at the end the mesh is cleaned, UV-unwrapped, baked and written as GLB + OBJ with a
+preview PNG and job.json, atomically, into its own folder of the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from server import __version__
+from server.cameras import OrbitRig
+from server.distill import CFGForm, Method, NonFiniteGradientError, Weighting, distillation_step
+from server.dmtet import DMTet
+from server.job import Cancelled, JobSpec
+from server.noise import FreshNoise, NoiseProvider, NoiseQuery
+from server.priors import Prior, load_prior
+from server.regularizers import normal_consistency, sdf_sign_change
+from server.render import render_mesh
+from server.schedule import AnnealedTimesteps, NoiseSchedule, RandomTimesteps
+from server.shading import BACKGROUND
+from server.tetgrid import kuhn_grid
+from server.texture_field import TextureField
+
+# Fraction of the steps after which the geometry is frozen and only the colour keeps moving: the
+# baked texture then belongs to exactly the mesh the user watched settle.
+GEOMETRY_FRACTION = 0.75
+ISLAND_CLEANUP_EVERY = 25
+TARGET_FACES = 10000  # decimate before UV unwrapping: xatlas takes ~10 s at 15k faces on a CPU
+PREVIEW_VIEWS = ((15.0, -45.0), (15.0, 45.0), (15.0, 135.0), (60.0, -135.0))
+
+
+class Events:
+    """What a running job reports (`server.job.JobEvents` turns it into frames; the CLI into tqdm)."""
+
+    def progress(
+        self,
+        step: int,
+        total: int,
+        stage: str,
+        t: float | None = None,
+        loss: float | None = None,
+        eta_s: float | None = None,
+        elapsed_s: float | None = None,
+    ) -> None: ...
+
+    def preview_due(self) -> bool:
+        return False
+
+    def preview_mesh(
+        self, step: int, positions: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None
+    ) -> None: ...
+
+    def texture(self, step: int, png: bytes, width: int, height: int, final: bool = False) -> None: ...
+
+
+@dataclass
+class JobResult:
+    out_dir: Path
+    glb: Path
+    obj: Path
+    preview_png: Path
+    job_json: Path
+    seconds: float
+    steps_per_second: float
+
+    def to_dict(self) -> dict:
+        return {
+            "glb": str(self.glb),
+            "obj": str(self.obj),
+            "preview_png": str(self.preview_png),
+            "job_json": str(self.job_json),
+            "out_dir": str(self.out_dir),
+            "seconds": round(self.seconds, 2),
+            "steps_per_second": round(self.steps_per_second, 3),
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The prior's dtype: fp16 on CUDA when automatic; the geometry always stays fp32."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+_PRIORS: dict[tuple[str, str, str], Prior] = {}
+
+
+def cached_prior(spec: str, device: torch.device, dtype: torch.dtype) -> Prior:
+    """Loading a prior takes seconds (minutes for SD): keep the last one for the next job."""
+    key = (spec, str(device), str(dtype))
+    if key not in _PRIORS:
+        _PRIORS.clear()
+        _PRIORS[key] = load_prior(spec, device, dtype)
+    return _PRIORS[key]
+
+
+def noise_provider(method: Method, seed: int, device: torch.device) -> NoiseProvider:
+    if method == Method.CFD:
+        from server.consistent_noise import ConsistentNoise
+
+        return ConsistentNoise(seed, device)
+    if method == Method.FSD:
+        from server.worldmap_noise import WorldMapNoise
+
+        return WorldMapNoise(seed, device)
+    return FreshNoise(seed, device)
+
+
+class CameraSource:
+    """Cameras per step: sampled from the orbit rig, or drawn from the explicit cameras sent by Blender."""
+
+    def __init__(self, spec: JobSpec, rng: np.random.Generator):
+        self.rng = rng
+        self.rig = OrbitRig(**asdict(spec.orbit)) if spec.cameras is None else None
+        self.cameras = spec.cameras
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c2w [n,4,4], fovy [n] radians, elevation_deg [n], azimuth_deg [n]) as float32 CPU tensors."""
+        if self.rig is not None:
+            cams = self.rig.sample(self.rng, n)
+            c2w = np.stack([c.c2w for c in cams])
+            fovy = np.array([c.fovy for c in cams])
+        else:
+            picks = self.rng.integers(0, len(self.cameras), n)
+            c2w = np.stack([self.cameras[i].matrix for i in picks])
+            fovy = np.radians([self.cameras[i].fovy_deg for i in picks])
+        position = c2w[:, :3, 3]
+        elevation = np.degrees(np.arcsin(position[:, 2] / np.linalg.norm(position, axis=1)))
+        azimuth = np.degrees(np.arctan2(position[:, 1], position[:, 0]))
+        return (
+            torch.from_numpy(c2w).float(),
+            torch.from_numpy(fovy).float(),
+            torch.from_numpy(elevation),
+            torch.from_numpy(azimuth),
+        )
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "asset"
+
+
+def render_preview(
+    mesh_vertices: torch.Tensor, faces: torch.Tensor, color_fn, size: int = 256
+) -> Image.Image:
+    """A few fixed views of the asset, side by side: what a person looks at first."""
+    from server.cameras import orbit_c2w
+
+    c2w = torch.stack([torch.from_numpy(orbit_c2w(e, a, 2.4)).float() for e, a in PREVIEW_VIEWS])
+    fovy = torch.full((len(PREVIEW_VIEWS),), math.radians(40.0))
+    light = torch.nn.functional.normalize(c2w[:, :3, 3] + torch.tensor([0.0, 0.0, 1.5]), dim=-1)
+    with torch.no_grad():
+        out = render_mesh(mesh_vertices, faces, c2w, fovy, size, color_fn=color_fn, light_dir=light)
+    row = torch.cat(list(out.rgb), dim=1).clamp(0, 1)
+    return Image.fromarray((row.numpy() * 255).round().astype(np.uint8))
+
+
+def run_job(
+    spec: JobSpec,
+    init_mesh: tuple[np.ndarray, np.ndarray] | None,
+    events: Events,
+    should_cancel: Callable[[], bool],
+) -> JobResult:
+    """Optimise, then bake and export. Raises `Cancelled` within one step of `should_cancel()`."""
+    from server.export import bake_and_export
+
+    start = time.perf_counter()
+    device = resolve_device(spec.device)
+    prior = cached_prior(spec.prior, device, resolve_dtype(spec.precision, device))
+    if spec.render_size % prior.latent_size:
+        raise ValueError(
+            f"render_size {spec.render_size} must be a multiple of the prior's latent size "
+            f"{prior.latent_size}"
+        )
+    method = Method(spec.method)
+    torch.manual_seed(spec.seed)
+    rng = np.random.default_rng(spec.seed)
+    generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+
+    geometry = DMTet(kuhn_grid(spec.grid_resolution, radius=1.0), device=device)
+    if init_mesh is not None:
+        geometry.init_from_mesh(*init_mesh, fill=0.8)
+    elif spec.init_shape == "ellipsoid":
+        geometry.init_ellipsoid((0.45, 0.45, 0.6))
+    else:
+        geometry.init_sphere(0.5)
+    texture = TextureField(device=device)
+    geometry_params = [geometry.sdf, geometry.deformation]
+    optimizer = torch.optim.Adam(
+        [
+            {"params": geometry_params, "lr": 5e-3},
+            {"params": list(texture.parameters()), "lr": 1e-2},
+        ],
+        betas=(0.9, 0.99),
+        eps=1e-15,
+    )
+
+    schedule = NoiseSchedule.of(prior)
+    timesteps = (
+        RandomTimesteps(20, 980)
+        if method == Method.SDS
+        else AnnealedTimesteps(tuple((float(f), float(t)) for f, t in spec.timestep_knots))
+    )
+    noise = noise_provider(method, spec.seed, device)
+    embeddings = prior.encode_prompt(
+        spec.prompt, spec.negative_prompt, view_dependent=getattr(prior, "view_dependent", False)
+    )
+    cameras = CameraSource(spec, rng)
+    latent_hw = (prior.latent_size, prior.latent_size)
+    geometry_steps = int(GEOMETRY_FRACTION * spec.steps)
+
+    for step in range(spec.steps):
+        if should_cancel():
+            raise Cancelled(step)
+        shaping = step < geometry_steps
+        if step == geometry_steps:
+            for p in geometry_params:
+                p.requires_grad_(False)
+        mesh = geometry()
+        c2w, fovy, elevation, azimuth = cameras.sample(spec.batch_size)
+        view = render_mesh(
+            mesh.vertices,
+            mesh.faces,
+            c2w.to(device),
+            fovy.to(device),
+            spec.render_size,
+            color_fn=texture,
+            generator=generator,
+        )
+        latents = prior.encode_images(view.rgb)
+        eps_tilde = noise.sample(
+            NoiseQuery(
+                latent_hw,
+                prior.latent_channels,
+                view.c2w,
+                view.fovy,
+                view.points.detach(),
+                view.opacity.detach(),
+            )
+        )
+        t = timesteps(step, spec.steps, generator)
+        flow = distillation_step(
+            prior,
+            latents,
+            eps_tilde.to(latents.dtype),
+            t,
+            embeddings.for_views(elevation, azimuth),
+            embeddings.uncond,
+            schedule,
+            spec.guidance_scale,
+            CFGForm(spec.cfg_form),
+            Weighting.LAMBDA,
+        )
+        loss = flow.loss / spec.batch_size
+        if shaping:
+            sign_weight = 0.2 * max(0.0, 1.0 - step / (0.5 * spec.steps)) + 0.01
+            loss = loss + 0.1 * normal_consistency(mesh)
+            loss = loss + sign_weight * sdf_sign_change(geometry.sdf, geometry.edges)
+        if not torch.isfinite(loss):
+            raise NonFiniteGradientError(f"the loss became {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        noise.reinject(spec.gamma)
+        if shaping and step % ISLAND_CLEANUP_EVERY == ISLAND_CLEANUP_EVERY - 1:
+            geometry.remove_small_islands(optimizer=optimizer)
+
+        elapsed = time.perf_counter() - start
+        eta = elapsed / (step + 1) * (spec.steps - step - 1)
+        events.progress(step + 1, spec.steps, "shape" if shaping else "texture", t, loss.item(), eta, elapsed)
+        if events.preview_due() or step == spec.steps - 1:
+            with torch.no_grad():
+                colors = (texture(mesh.vertices) * 255).round().to(torch.uint8)
+            events.preview_mesh(
+                step + 1,
+                mesh.vertices.detach().cpu().numpy().astype(np.float32),
+                mesh.faces.cpu().numpy().astype(np.int32),
+                colors.cpu().numpy(),
+            )
+
+    if should_cancel():
+        raise Cancelled(spec.steps)
+    with torch.no_grad():
+        mesh = geometry()
+
+    def color_fn(points: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return texture(torch.from_numpy(points).float().to(device)).cpu().numpy()
+
+    return write_asset(
+        spec, mesh.vertices.cpu(), mesh.faces.cpu(), color_fn, texture, events, start, bake_and_export
+    )
+
+
+def write_asset(
+    spec: JobSpec,
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    color_fn,
+    texture,
+    events: Events,
+    start: float,
+    bake_and_export,
+) -> JobResult:
+    """Everything is written into a staging folder that is renamed into place only when complete."""
+    root = Path(spec.output_dir).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"{slug(spec.prompt)}_seed{spec.seed}_{spec.method}_{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+    staging = root / f".{name}.partial"
+    staging.mkdir()
+    try:
+        exported = bake_and_export(
+            vertices.numpy(), faces.numpy(), color_fn, staging, texture_size=spec.texture_size,
+            target_faces=TARGET_FACES, name=slug(spec.prompt),
+        )
+        texture_png = Path(exported["png"])
+        with Image.open(texture_png) as image:
+            events.texture(spec.steps, texture_png.read_bytes(), image.width, image.height, True)
+        render_preview(vertices.float(), faces, texture).save(staging / "preview.png")
+        seconds = time.perf_counter() - start
+        record = {
+            "job": spec.to_json_dict(),
+            "seed": spec.seed,
+            "seconds": round(seconds, 2),
+            "server_version": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "platform": sys.platform,
+            "files": {k: Path(v).name for k, v in exported.items() if isinstance(v, (str, Path))},
+        }
+        (staging / "job.json").write_text(json.dumps(record, indent=2))
+        final = root / name
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    glb = final / Path(exported["glb"]).name
+    return JobResult(
+        final,
+        glb,
+        final / Path(exported["obj"]).name,
+        final / "preview.png",
+        final / "job.json",
+        seconds,
+        spec.steps / seconds,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: python -m server generate --prompt "a red cube" --seed 0 --out DIR [--variants N]
+
+
+class ProgressBar(Events):
+    def __init__(self, label: str, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=label, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(self, step, total, stage, t, loss, eta_s, elapsed_s) -> None:
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(stage=stage, t=t, loss=f"{loss:.3g}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
+    parser.add_argument("--variants", type=int, default=1, help="re-roll N seeds (seed, seed+1, ...)")
+    parser.add_argument("--method", choices=[m.value for m in Method], default=None)
+    parser.add_argument("--prior", default=None, help='"shapes" (default), a local folder or a hub id')
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--render-size", type=int, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--precision", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def spec_from_args(args: argparse.Namespace, seed: int) -> JobSpec:
+    fields = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "seed": seed,
+        "output_dir": str(args.out),
+    }
+    for key in ("method", "prior", "steps", "render_size", "guidance_scale", "device", "precision"):
+        value = getattr(args, key)
+        if value is not None:
+            fields[key] = value
+    return JobSpec.from_dict(fields)
+
+
+def variant_grid(previews: list[Path], seeds: list[int], path: Path) -> None:
+    """One row per variant (its preview views), so re-rolls can be compared at a glance."""
+    images = [Image.open(p).convert("RGB") for p in previews]
+    width = max(i.width for i in images)
+    canvas = Image.new("RGB", (width, sum(i.height for i in images)), "white")
+    y = 0
+    for image in images:
+        canvas.paste(image, (0, y))
+        y += image.height
+    canvas.save(path)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = [args.seed + i for i in range(max(1, args.variants))]
+    results = []
+    for seed in seeds:
+        spec = spec_from_args(args, seed)
+        bar = ProgressBar(f"seed {seed}", spec.steps)
+        try:
+            results.append(run_job(spec, None, bar, lambda: False))
+        finally:
+            bar.close()
+        print(f"wrote {results[-1].glb}", file=sys.stderr)
+    if len(results) == 1:
+        print(json.dumps(results[0].to_dict()))
+        return 0
+    grid = Path(args.out) / f"variants_{slug(args.prompt)}_seed{seeds[0]}-{seeds[-1]}.png"
+    variant_grid([r.preview_png for r in results], seeds, grid)
+    print(
+        json.dumps(
+            {
+                "variants": [r.to_dict() for r in results],
+                "grid_png": str(grid),
+                "seconds": round(sum(r.seconds for r in results), 2),
+            }
+        )
+    )
+    return 0

@@ -1,0 +1,54 @@
+"""Diffusion priors behind one interface (`Prior`), and `load_prior` to get one by name.
+
+Import cost: this package imports diffusers and transformers (seconds); `server/__init__.py` and the
+protocol never import it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from server.priors.base import (
+    VIEW_SUFFIXES,
+    MissingWeightsError,
+    Prior,
+    PromptEmbeddings,
+    default_dtype,
+    view_suffix_index,
+)
+from server.priors.diffusers_prior import DiffusersPrior, resolve_weights
+from server.priors.empirical import EmpiricalPrior, caption_matches
+
+SHAPES_WEIGHTS = Path(__file__).resolve().parent.parent / "shapes" / "weights"
+
+__all__ = [
+    "SHAPES_WEIGHTS",
+    "VIEW_SUFFIXES",
+    "DiffusersPrior",
+    "EmpiricalPrior",
+    "MissingWeightsError",
+    "Prior",
+    "PromptEmbeddings",
+    "caption_matches",
+    "default_dtype",
+    "load_prior",
+    "resolve_weights",
+    "view_suffix_index",
+]
+
+
+def load_prior(spec: str, device: torch.device | str, dtype: torch.dtype, **options) -> Prior:
+    """The prior named by `spec`: "shapes" (the project's shipped prior), a local diffusers-layout
+    folder, or a Hugging Face hub id (e.g. "stabilityai/stable-diffusion-2-1-base", taken from the
+    cache when HF_HUB_OFFLINE=1). `options` go to `DiffusersPrior` (memory savers, variant, seed)."""
+    if spec == "shapes":
+        if not (SHAPES_WEIGHTS / "unet").is_dir():
+            raise MissingWeightsError(
+                "shapes",
+                f"the shipped shapes prior is missing from {SHAPES_WEIGHTS}; restore it from the repository "
+                "(`git checkout -- server/shapes/weights`) or train it with `python -m server.shapes.train`",
+            )
+        return DiffusersPrior(SHAPES_WEIGHTS, device, dtype, name="shapes", **options)
+    return DiffusersPrior(spec, device, dtype, **options)

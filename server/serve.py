@@ -1,0 +1,522 @@
+"""Run the server Blender talks to: protocol v1 frames on stdin/stdout, or on TCP with --listen.
+
+Blender starts this as a child process and speaks to it over pipes (no port to configure or
+collide), which is the default. `--listen HOST:PORT` serves one TCP client at a time instead, on
+the loopback interface unless `--allow-remote`, and requires a token in the client's hello.
+One job runs at a time in a worker thread; the reader loop stays responsive for ping and cancel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hmac
+import importlib
+import ipaddress
+import json
+import logging
+import os
+import platform
+import re
+import secrets
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from server import __version__, protocol
+from server.job import Cancelled, JobEvents, JobSpec, JobSpecError, NonFiniteError
+
+log = logging.getLogger("server.serve")
+
+# run_job(spec, init_mesh, emit, should_cancel) -> the done payload: a dict, or an object with to_dict()
+Runner = Callable[[JobSpec, tuple[np.ndarray, np.ndarray] | None, JobEvents, Callable[[], bool]], Any]
+Describe = Callable[[], dict]
+
+TOKEN_ENV = "BLENDER_CFD_TOKEN"
+CANCEL_WAIT_SECONDS = 10.0  # how long a disconnect or shutdown waits for a cancelled job to return
+HELLO_TIMEOUT_SECONDS = 10.0  # TCP: a connection must authenticate this soon or it is dropped
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # also names the job's output folder
+OOM_FIX = "lower the render size or batch size, use precision fp16, or run on the CPU (device cpu)"
+NAN_FIX = "lower the guidance scale, use precision fp32, or try another seed"
+RESYNC_FIX = "the byte stream is out of sync; reconnect (the extension restarts the server)"
+
+
+def default_runner(spec: JobSpec, init_mesh, emit: JobEvents, should_cancel: Callable[[], bool]) -> dict:
+    """The real generator, imported on first use so the server answers hello and ping at once."""
+    from server.generate import run_job
+
+    return run_job(spec, init_mesh, emit, should_cancel)
+
+
+def describe_environment() -> dict[str, Any]:
+    """Fields of the server's hello: versions and the device a job with device "auto" gets."""
+    info = {
+        "server_version": __version__,
+        "python": platform.python_version(),
+        "torch": None,
+        "cuda": None,
+        "device": "cpu",
+        "device_name": platform.processor() or platform.machine(),
+    }
+    try:
+        import torch
+    except ImportError:
+        return info
+    info.update(torch=torch.__version__, cuda=torch.version.cuda)
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        vram_gb = round(properties.total_memory / 2**30, 1)
+        info.update(device="cuda", device_name=properties.name, vram_gb=vram_gb)
+    elif torch.backends.mps.is_available():
+        info.update(device="mps", device_name="Apple GPU (MPS)")
+    return info
+
+
+def _loaded_class(module: str, name: str) -> type | None:
+    """A class from a module only if something already imported it (never import torch here)."""
+    return getattr(sys.modules.get(module), name, None)
+
+
+def classify_exception(exc: BaseException) -> tuple[str, str, str]:
+    """(code, message, fix) of the `error` frame for an exception raised by a job."""
+    if isinstance(exc, JobSpecError):
+        return protocol.BAD_SETTINGS, str(exc), f"change the {exc.field} setting"
+    missing_weights = _loaded_class("server.priors.base", "MissingWeightsError")
+    if missing_weights is not None and isinstance(exc, missing_weights):
+        return protocol.MISSING_WEIGHTS, str(exc), exc.fix
+    torch_oom = _loaded_class("torch.cuda", "OutOfMemoryError")
+    is_oom = isinstance(exc, MemoryError) or (torch_oom is not None and isinstance(exc, torch_oom))
+    if is_oom or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
+        return protocol.OUT_OF_MEMORY, f"out of memory: {exc}", OOM_FIX
+    nonfinite = (NonFiniteError, _loaded_class("server.distill", "NonFiniteGradientError") or NonFiniteError)
+    if isinstance(exc, nonfinite):
+        return protocol.NAN, str(exc) or "the optimisation produced NaN values", NAN_FIX
+    last_line = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = ""
+    if frames:
+        where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})"
+    return protocol.INTERNAL, last_line + where, "see the server log for the traceback, and please report it"
+
+
+class FrameWriter:
+    """The one way frames leave the server: the reader loop and the job thread share it under a lock.
+
+    A failed write means the client is gone; the writer then stays `broken` and the job's
+    `should_cancel` turns true, so an orphaned job stops instead of computing for nobody.
+    """
+
+    def __init__(self, write: Callable[[bytes], None]):
+        self._write = write
+        self._lock = threading.Lock()
+        self.broken = False
+
+    def send(self, frame: bytes) -> bool:
+        with self._lock:
+            if self.broken:
+                return False
+            try:
+                self._write(frame)
+            except (OSError, ValueError) as error:  # ValueError: write to a closed file
+                log.warning("client unreachable (%s); dropping further frames", error)
+                self.broken = True
+                return False
+            return True
+
+
+@dataclasses.dataclass
+class _Job:
+    job_id: str
+    spec: JobSpec
+    init_mesh: tuple[np.ndarray, np.ndarray] | None
+    writer: FrameWriter
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def should_cancel(self) -> bool:
+        return self.cancel.is_set() or self.writer.broken
+
+
+def _init_mesh(spec: JobSpec, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The starting mesh carried by a generate frame, checked against `init_shape`."""
+    vertices, faces = arrays.get("init_vertices"), arrays.get("init_faces")
+    if spec.init_shape != "mesh":
+        if vertices is not None or faces is not None:
+            raise JobSpecError("init_shape", f'is {spec.init_shape!r} but a mesh was sent; use "mesh"')
+        return None
+    if vertices is None or faces is None:
+        raise JobSpecError("init_shape", 'is "mesh" but the frame has no init_vertices / init_faces arrays')
+    if vertices.ndim != 2 or vertices.shape[1] != 3 or vertices.dtype.kind != "f" or len(vertices) < 4:
+        raise JobSpecError("init_vertices", f"must be float [N>=4, 3], got {vertices.dtype} {vertices.shape}")
+    if not np.isfinite(vertices).all():
+        raise JobSpecError("init_vertices", "contains NaN or infinite coordinates")
+    if faces.ndim != 2 or faces.shape[1] != 3 or faces.dtype.kind not in "iu" or len(faces) < 1:
+        raise JobSpecError("init_faces", f"must be integer [F>=1, 3], got {faces.dtype} {faces.shape}")
+    if faces.min() < 0 or faces.max() >= len(vertices):
+        raise JobSpecError("init_faces", f"indices must lie in 0..{len(vertices) - 1}")
+    return vertices.astype(np.float32), faces.astype(np.int32)
+
+
+class Server:
+    """Protocol state shared by every connection: the runner, the device description, the one job."""
+
+    def __init__(
+        self,
+        runner: Runner | None = None,
+        describe: Describe | None = None,
+        output_root: Path | str = "outputs",
+        token: str | None = None,
+    ):
+        self.runner = runner or default_runner
+        self.describe = describe or describe_environment
+        self.output_root = Path(output_root).resolve()
+        self.token = token
+        self._info: dict[str, Any] | None = None
+        self._job: _Job | None = None
+        self._lock = threading.Lock()
+
+    def serve_connection(
+        self, reader: protocol.FrameReader, writer: FrameWriter, on_greeted: Callable[[], None] | None = None
+    ) -> str:
+        """Handle one client until it leaves. Returns why: "eof", "shutdown", "malformed" or "refused".
+
+        Whatever the reason, a running job is cancelled first: nobody is left to receive its frames.
+        """
+        greeted = False
+        try:
+            while True:
+                try:
+                    message = reader.read()
+                except protocol.ProtocolError as error:
+                    log.error("malformed frame: %s; closing the connection (stream out of sync)", error)
+                    writer.send(protocol.error(None, protocol.MALFORMED_FRAME, str(error), RESYNC_FIX))
+                    return "malformed"
+                except (OSError, ValueError) as error:  # reset, timeout, closed file
+                    log.info("connection lost: %s", error)
+                    return "eof"
+                if message is None:
+                    log.info("the client closed the connection")
+                    return "eof"
+                if not greeted:
+                    greeted = self._hello(message, writer)
+                    if greeted and on_greeted is not None:
+                        on_greeted()
+                    if not greeted and self.token is not None:
+                        return "refused"
+                    continue
+                if message.type == protocol.SHUTDOWN:
+                    log.info("shutdown requested")
+                    return "shutdown"
+                try:
+                    self._dispatch(message, writer)
+                except Exception as exc:  # a server bug must not end the session
+                    log.exception("handling %r failed", message.type)
+                    writer.send(protocol.error(None, *classify_exception(exc)))
+        finally:
+            self.cancel_job(wait_s=CANCEL_WAIT_SECONDS)
+
+    def cancel_job(self, wait_s: float) -> None:
+        with self._lock:
+            job = self._job
+        if job is None:
+            return
+        job.cancel.set()
+        job.thread.join(wait_s)
+        if job.thread.is_alive():
+            log.warning("job %s did not stop within %.0f s of being cancelled", job.job_id, wait_s)
+
+    def _server_info(self) -> dict[str, Any]:
+        """The hello fields. A broken torch install is reported here rather than killing the server,
+        so the extension can show it (`environment_error`) and still ping, cancel and shut down."""
+        if self._info is None:
+            base = {
+                "server_version": __version__,
+                "python": platform.python_version(),
+                "torch": None,
+                "cuda": None,
+                "device": "unavailable",
+                "device_name": "",
+            }
+            try:
+                self._info = {**base, **self.describe()}
+            except Exception as error:
+                log.exception("probing the environment failed")
+                self._info = {**base, "environment_error": f"{type(error).__name__}: {error}"}
+        return self._info
+
+    def _hello(self, message: protocol.Message, writer: FrameWriter) -> bool:
+        """Answer the handshake; the token is checked before anything about the server is revealed."""
+        if self.token is not None:
+            given = message.get("token") if message.type == protocol.HELLO else None
+            if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.token.encode()):
+                log.warning("refused a client: wrong or missing token")
+                writer.send(
+                    protocol.error(
+                        None,
+                        protocol.UNAUTHORIZED,
+                        "the first frame must be a hello carrying the server's token",
+                        f"use the token the server printed, or set it with --token / {TOKEN_ENV}",
+                    )
+                )
+                return False
+        if message.type != protocol.HELLO:
+            writer.send(
+                protocol.error(
+                    None,
+                    protocol.PROTOCOL_VERSION_MISMATCH,
+                    f"expected hello before {message.type!r}",
+                    f'send hello{{"protocol": {protocol.PROTOCOL_VERSION}, "client": ...}} first',
+                )
+            )
+            return False
+        if message.get("protocol") != protocol.PROTOCOL_VERSION:
+            writer.send(
+                protocol.error(
+                    None,
+                    protocol.PROTOCOL_VERSION_MISMATCH,
+                    f"the client speaks protocol {message.get('protocol')!r}; this server speaks "
+                    f"{protocol.PROTOCOL_VERSION}",
+                    "install matching versions of the Blender extension and the server",
+                )
+            )
+            return False
+        log.info("hello from %r", message.get("client"))
+        writer.send(protocol.server_hello(**self._server_info()))
+        return True
+
+    def _dispatch(self, message: protocol.Message, writer: FrameWriter) -> None:
+        if message.type == protocol.HELLO:
+            writer.send(protocol.server_hello(**self._server_info()))
+        elif message.type == protocol.PING:
+            writer.send(protocol.pong(message.get("id")))
+        elif message.type == protocol.GENERATE:
+            self._generate(message, writer)
+        elif message.type == protocol.CANCEL:
+            self._cancel(message.get("job_id"))
+        else:
+            writer.send(
+                protocol.error(
+                    message.get("job_id") if isinstance(message.get("job_id"), str) else None,
+                    protocol.UNKNOWN_TYPE,
+                    f"unknown message type {message.type!r}; this server knows "
+                    f"{', '.join(sorted(protocol.CLIENT_MESSAGES))}",
+                    "install matching versions of the Blender extension and the server",
+                )
+            )
+
+    def _generate(self, message: protocol.Message, writer: FrameWriter) -> None:
+        job_id = message.get("job_id")
+        if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+            writer.send(
+                protocol.error(
+                    job_id if isinstance(job_id, str) else None,
+                    protocol.BAD_SETTINGS,
+                    f"job_id: must be 1 to 64 letters, digits, '_', '.' or '-', got {job_id!r}",
+                    "send a job id such as a UUID's hex string",
+                )
+            )
+            return
+        try:
+            spec = JobSpec.from_dict(message.get("job"))
+            init_mesh = _init_mesh(spec, message.arrays)
+        except JobSpecError as error:
+            log.info("job %s refused: %s", job_id, error)
+            fix = f"change the {error.field} setting"
+            writer.send(protocol.error(job_id, protocol.BAD_SETTINGS, str(error), fix))
+            return
+        if spec.output_dir is None:
+            spec = dataclasses.replace(spec, output_dir=str(self.output_root / job_id))
+        job = _Job(job_id, spec, init_mesh, writer)
+        with self._lock:
+            running = self._job
+            if running is None:
+                self._job = job
+        if running is not None:
+            writer.send(
+                protocol.error(
+                    job_id,
+                    protocol.BUSY,
+                    f"job {running.job_id} is still running; the server runs one job at a time",
+                    f"cancel job {running.job_id} or wait until it is done",
+                )
+            )
+            return
+        log.info("job %s accepted: %d steps of %s, prior %r", job_id, spec.steps, spec.method, spec.prior)
+        writer.send(protocol.accepted(job_id, spec.output_dir))
+        job.thread = threading.Thread(target=self._run, args=(job,), name=f"job-{job_id}", daemon=True)
+        job.thread.start()
+
+    def _cancel(self, job_id: Any) -> None:
+        with self._lock:
+            job = self._job
+        if job is not None and job.job_id == job_id:
+            log.info("cancelling job %s", job_id)
+            job.cancel.set()
+        else:  # it already ended: its done/cancelled/error frame is on its way
+            log.info("cancel for %r ignored: no such job is running", job_id)
+
+    def _run(self, job: _Job) -> None:
+        """The worker thread: run the job, turn its outcome into exactly one final frame."""
+        events = JobEvents(job.job_id, job.writer.send, job.spec.preview_max_fps)
+        started = time.monotonic()
+        try:
+            result = self.runner(job.spec, job.init_mesh, events, job.should_cancel)
+            payload = result.to_dict() if hasattr(result, "to_dict") else result  # a dict, or a result object
+            final = protocol.done(job.job_id, **payload)
+            log.info("job %s done in %.1f s", job.job_id, time.monotonic() - started)
+        except Cancelled as cancelled:
+            final = protocol.cancelled(job.job_id, cancelled.step)
+            log.info("job %s cancelled after step %d", job.job_id, cancelled.step)
+        except Exception as exc:
+            code, message, fix = classify_exception(exc)
+            log.error("job %s failed (%s)", job.job_id, code, exc_info=exc)
+            final = protocol.error(job.job_id, code, message, fix)
+        with self._lock:  # free the slot before the final frame, so the client may start the next job on it
+            self._job = None
+        job.writer.send(final)
+
+
+def _stream_writer(stream: BinaryIO) -> FrameWriter:
+    return FrameWriter(lambda frame: protocol.write_all(stream, frame))
+
+
+def serve(
+    stdin: BinaryIO,
+    stdout: BinaryIO,
+    *,
+    runner: Runner | None = None,
+    describe: Describe | None = None,
+    output_root: Path | str = "outputs",
+) -> int:
+    """Serve one client over a pair of byte streams until it leaves; the process exit code."""
+    server = Server(runner, describe, output_root)
+    why = server.serve_connection(protocol.FrameReader(stdin), _stream_writer(stdout))
+    return 1 if why == "malformed" else 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
+
+
+def serve_tcp(
+    host: str,
+    port: int,
+    token: str,
+    *,
+    allow_remote: bool = False,
+    runner: Runner | None = None,
+    describe: Describe | None = None,
+    output_root: Path | str = "outputs",
+    announce: Callable[[dict], None] | None = None,
+) -> int:
+    """Serve TCP clients one after another until one sends shutdown; the process exit code.
+
+    The bound address (port 0 picks a free one) is announced as {"listening": "HOST:PORT"}.
+    """
+    if not allow_remote and not _is_loopback(host):
+        log.error("refusing to listen on %s: not a loopback address (pass --allow-remote to expose it)", host)
+        return 2
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    server = Server(runner, describe, output_root, token)
+    with socket.create_server((host, port), family=family) as listener:
+        bound_host, bound_port = listener.getsockname()[:2]
+        shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
+        (announce or _announce)({"listening": f"{shown}:{bound_port}"})
+        while True:
+            connection, address = listener.accept()
+            log.info("connection from %s", address[0])
+            with connection:
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                connection.settimeout(HELLO_TIMEOUT_SECONDS)
+                with connection.makefile("rb") as stream:
+                    why = server.serve_connection(
+                        protocol.FrameReader(stream),
+                        FrameWriter(connection.sendall),
+                        on_greeted=lambda c=connection: c.settimeout(None),
+                    )
+            log.info("connection from %s ended (%s)", address[0], why)
+            if why == "shutdown":
+                return 0
+
+
+def _announce(fields: dict) -> None:
+    print(json.dumps(fields), file=sys.stderr, flush=True)
+
+
+def _claim_stdout() -> BinaryIO:
+    """Keep the real stdout for frames only. Everything else that writes there (print, tqdm, C
+    libraries writing to file descriptor 1) is sent to stderr, so it cannot corrupt the stream."""
+    sys.stdout.flush()
+    frames_fd = os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    if sys.platform == "win32":
+        import msvcrt
+
+        msvcrt.setmode(frames_fd, os.O_BINARY)
+    return os.fdopen(frames_fd, "wb")
+
+
+def _load_function(spec: str) -> Callable:
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise SystemExit(f"expected MODULE:FUNCTION, got {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (port 0 picks a free one), got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen", type=_parse_listen, metavar="HOST:PORT", help="serve TCP instead of stdin/stdout"
+    )
+    parser.add_argument("--token", help=f"TCP token clients must send (default ${TOKEN_ENV}, else generated)")
+    parser.add_argument("--allow-remote", action="store_true", help="allow --listen on a non-loopback host")
+    parser.add_argument(
+        "--output-root", type=Path, default=Path("outputs"), help="default output: ROOT/JOB_ID"
+    )
+    parser.add_argument(
+        "--runner", metavar="MODULE:FUNCTION", help="job function instead of server.generate.run_job"
+    )
+    parser.add_argument(
+        "--describe", metavar="MODULE:FUNCTION", help="hello fields function instead of the torch probe"
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        stream=sys.stderr, level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    options = {
+        "runner": _load_function(args.runner) if args.runner else None,
+        "describe": _load_function(args.describe) if args.describe else None,
+        "output_root": args.output_root,
+    }
+    if args.listen is None:
+        frames_out = _claim_stdout()
+        code = serve(sys.stdin.buffer, frames_out, **options)
+        log.info("exiting with code %d", code)
+        return code
+    token = args.token or os.environ.get(TOKEN_ENV)
+    if not token:
+        token = secrets.token_urlsafe(24)
+        _announce({"token": token})
+    host, port = args.listen
+    return serve_tcp(host, port, token, allow_remote=args.allow_remote, **options)

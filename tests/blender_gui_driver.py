@@ -1,0 +1,132 @@
+"""Runs inside a real Blender window (4.2+, e.g. via /work/shared/tools/blender_gui.sh): drives the CFD
+panel the way a user would and screenshots each state. Optional end-to-end check, started by
+tests/blender_gui_check.py, which also runs the server on loopback TCP and writes the config read here.
+
+Here timers and the event loop run, so the extension's own timer pumps the stream (nothing here
+calls `pump()`). Steps are a generator: each `yield` is seconds to wait, or a condition to wait for.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import addon_utils
+import bpy
+
+MODULE = "bl_ext.user_default.blender_cfd"
+CONFIG = json.loads(Path("/tmp/cfdgui/config.json").read_text())
+SHOTS = Path(CONFIG["shots"])
+LOG = SHOTS / "driver.log"
+
+
+def log(text: str) -> None:
+    with LOG.open("a") as handle:
+        handle.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+
+
+def shot(name: str) -> None:
+    subprocess.run(["import", "-window", "root", str(SHOTS / f"{name}.png")], check=True)
+    log(f"screenshot {name}")
+
+
+def xdotool(*args: str) -> None:
+    subprocess.run(["xdotool", *args], check=True)
+
+
+def view3d():
+    window = bpy.context.window_manager.windows[0]
+    area = max((a for a in window.screen.areas if a.type == "VIEW_3D"), key=lambda a: a.width * a.height)
+    return window, area
+
+
+def controller():
+    return sys.modules[f"{MODULE}.blender_cfd.controller"].get()
+
+
+def run_operator(name: str, **options) -> set:
+    window, area = view3d()
+    region = next(r for r in area.regions if r.type == "WINDOW")
+    with bpy.context.temp_override(window=window, area=area, region=region):
+        result = getattr(bpy.ops.cfd, name)(**options)
+    log(f"cfd.{name} -> {result}; error: {controller().error}")
+    return result
+
+
+def steps():
+    addon_utils.enable(MODULE, default_set=True)
+    prefs = bpy.context.preferences.addons[MODULE].preferences
+    prefs.remote_address = CONFIG["address"]
+    prefs.remote_token = CONFIG["token"]
+    prefs.output_dir = CONFIG["assets"]
+    xdotool("key", "Escape")  # the splash
+    window, area = view3d()
+    space = area.spaces.active
+    space.show_region_ui = True
+    space.shading.color_type = "ATTRIBUTE"  # solid mode shows the streamed vertex colours
+    bpy.data.objects.remove(bpy.data.objects["Cube"])
+    space.region_3d.view_distance = 9.0
+    scene = bpy.context.scene
+    scene.cursor.location = (-2.5, 0.0, 0.0)
+    yield 1.0
+    ui = next(r for r in area.regions if r.type == "UI")
+    log(f"window {window.width}x{window.height}, sidebar x={ui.x} y={ui.y} {ui.width}x{ui.height}")
+    x, y = CONFIG["tab"]  # screen pixels of the CFD tab (X origin top-left)
+    xdotool("mousemove", str(x), str(y), "click", "1")
+    yield 1.0
+    shot("1_idle")
+
+    settings = scene.cfd
+    settings.prompt, settings.seed, settings.quality = "a wooden toy [slow]", 7, "DRAFT"
+    run_operator("generate")
+    yield lambda: controller().job is not None and controller().job.preview_step >= 3
+    yield 0.3
+    shot("2_running")
+    yield lambda: not controller().busy
+    space.shading.color_type = "TEXTURE"
+    yield 0.5
+    shot("3_done")
+
+    run_operator("reroll")
+    yield lambda: not controller().busy
+    yield 0.5
+    shot("4_rerolled")
+
+    settings.prompt = "a heavy statue [oom]"
+    run_operator("generate")
+    yield lambda: not controller().busy
+    yield 0.5
+    shot("5_error")
+    log(f"objects: {sorted(o.name for o in bpy.data.objects)}")
+    Path("/shot.request").write_text("done")
+
+
+_steps = steps()
+_waiting = None
+
+
+def tick():
+    """The driver's own timer: advance the steps; a condition is polled every 0.2 s."""
+    global _waiting
+    try:
+        if _waiting is not None and not _waiting():
+            return 0.2
+        _waiting = None
+        wait = next(_steps)
+    except StopIteration:
+        return None
+    except Exception:
+        log(traceback.format_exc())
+        Path("/shot.request").write_text("failed")
+        return None
+    if callable(wait):
+        _waiting = wait
+        return 0.2
+    return wait
+
+
+bpy.app.timers.register(tick, first_interval=3.0)

@@ -1,0 +1,379 @@
+"""The Blender extension in real bpy, one scenario per process: `blender_scenarios.py NAME ZIP OUT`.
+
+Each installs the built extension zip into the user folder named by BLENDER_USER_RESOURCES, points
+it at a real server subprocess (this interpreter, `--runner blender_fake_runner:run_job`, which the
+caller puts on PYTHONPATH), runs the operators and drives the pump by hand (bpy as a module has no
+event loop, so timers never fire). Checks are asserts; measurements and image paths go to
+OUT/result.json for the pytest side. bpy can be imported once per process, and keeping Blender out
+of the pytest process keeps its threads apart from the server's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import bpy
+import numpy as np
+
+MODULE = "bl_ext.user_default.blender_cfd"
+SERVER_ARGS = "--runner blender_fake_runner:run_job --describe blender_fake_runner:describe"
+TIMEOUT = 60.0
+
+
+class RecordingLayout:
+    """Stands in for `UILayout` in Panel.draw: records what would be drawn, as (kind, details)."""
+
+    def __init__(self, log: list):
+        object.__setattr__(self, "log", log)
+
+    def __setattr__(self, name, value):  # alert, scale_y, enabled...
+        self.log.append(("set", {name: value}))
+
+    def _child(self, kind, **details):
+        self.log.append((kind, details))
+        return RecordingLayout(self.log)
+
+    def row(self, **details):
+        return self._child("row", **details)
+
+    def column(self, **details):
+        return self._child("column", **details)
+
+    def box(self, **details):
+        return self._child("box", **details)
+
+    def grid_flow(self, **details):
+        return self._child("grid_flow", **details)
+
+    def prop(self, data, name, **details):
+        self.log.append(("prop", {"name": name, **details}))
+
+    def operator(self, idname, **details):
+        self.log.append(("operator", {"idname": idname, **details}))
+        return SimpleNamespace()
+
+    def label(self, **details):
+        self.log.append(("label", details))
+
+    def progress(self, **details):
+        self.log.append(("progress", details))
+
+    def separator(self, **details):
+        self.log.append(("separator", details))
+
+
+def draw_panels() -> list:
+    """What the sidebar shows now: both panels drawn into one recording."""
+    log: list = []
+    panel = sys.modules[f"{MODULE}.blender_cfd.panel"]
+    for cls in (panel.CFD_PT_generate, panel.CFD_PT_variants):
+        cls.draw(SimpleNamespace(layout=RecordingLayout(log)), bpy.context)
+    return log
+
+
+def shown(log: list, kind: str, **match) -> list[dict]:
+    return [d for k, d in log if k == kind and all(d.get(key) == value for key, value in match.items())]
+
+
+def labels(log: list) -> str:
+    return " | ".join(d.get("text", "") for k, d in log if k == "label")
+
+
+def install(zip_path: str, out: Path):
+    """Install and enable the zip like a user would, then point it at this interpreter's server."""
+    assert bpy.ops.extensions.package_install_files(
+        filepath=zip_path, repo="user_default", enable_on_install=True
+    ) == {"FINISHED"}
+    prefs = bpy.context.preferences.addons[MODULE].preferences
+    prefs.python_path = sys.executable
+    prefs.output_dir = str(out / "assets")
+    os.environ["BLENDER_CFD_SERVER_ARGS"] = SERVER_ARGS
+    return sys.modules[f"{MODULE}.blender_cfd.controller"], prefs
+
+
+def pump_until(ctl, condition, timeout: float = TIMEOUT, what: str = "condition") -> float:
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"timed out waiting for {what}; error: {ctl.error}"
+        ctl.pump()
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def set_panel(prompt: str, seed: int) -> None:
+    settings = bpy.context.scene.cfd
+    settings.prompt = prompt
+    settings.seed = seed
+    settings.quality = "DRAFT"
+    settings.method = "CFD"
+
+
+def reported_error(operator, **options) -> str:
+    """In background mode an operator's ERROR report raises RuntimeError: return its text."""
+    try:
+        operator(**options)
+    except RuntimeError as error:
+        return str(error)
+    raise AssertionError(f"{operator.idname()} should have reported an error")
+
+
+def vertices_of(obj) -> np.ndarray:
+    co = np.empty(len(obj.data.vertices) * 3, dtype=np.float32)
+    obj.data.attributes["position"].data.foreach_get("vector", co)
+    return co.reshape(-1, 3)
+
+
+# ------------------------------------------------------------------------------------------- scenarios
+
+
+def variants(zip_path: str, out: Path) -> dict:
+    """Generate with streaming, Re-roll, Regenerate; check the objects; render them; one undo step."""
+    ctl_module, _ = install(zip_path, out)
+    ctl = ctl_module.get()
+    scene = bpy.context.scene
+    scene.cursor.location = (0.0, 0.0, 0.0)
+    set_panel("a wooden toy", 7)
+    idle = draw_panels()
+    assert shown(idle, "operator", idname="cfd.generate") and not shown(idle, "progress"), idle
+
+    assert bpy.ops.cfd.generate() == {"FINISHED"}
+    assert ctl.busy and bpy.ops.cfd.generate.poll() is False, "Generate must be greyed out while a job runs"
+    pump_until(ctl, lambda: ctl.job is not None and ctl.job.preview_step > 0, what="the first preview")
+    preview = bpy.data.objects[ctl.job.object_name]
+    mesh_pointer = preview.data.as_pointer()
+    counts = set()
+    running = None
+    deadline = time.monotonic() + TIMEOUT
+    while ctl.busy:
+        assert time.monotonic() < deadline, "the job did not finish"
+        ctl.pump()
+        time.sleep(0.01)
+        if ctl.busy and ctl.job.preview_step > 0:
+            obj = bpy.data.objects[ctl.job.object_name]
+            assert obj.data.as_pointer() == mesh_pointer, "previews must update the same mesh datablock"
+            assert obj.data.color_attributes.get("cfd_preview_color") is not None, "preview lacks colours"
+            counts.add(len(obj.data.vertices))
+            running = running or draw_panels()
+    assert ctl.error is None, ctl.error
+    assert len(counts) >= 2, f"the stream should change topology once (vertex counts seen: {counts})"
+    assert shown(running, "progress") and shown(running, "operator", idname="cfd.cancel"), running
+    progress = shown(running, "progress")[0]
+    assert "ETA" in progress["text"] and 0.0 < progress["factor"] <= 1.0, progress
+
+    first = bpy.data.objects["a wooden toy (seed 7)"]
+    assert first.as_pointer() == preview.as_pointer(), "the streaming object becomes the variant"
+    assert first.users_collection[0].name == "CFD Variants"
+    assert tuple(first.location) == (0.0, 0.0, 0.0), "placed at the 3D cursor"
+    assert first["cfd_prompt"] == "a wooden toy" and first["cfd_seed"] == 7
+    assert first["cfd_settings"]["method"] == "CFD" and first["cfd_settings"]["quality"] == "DRAFT"
+    assert json.loads(first["cfd_job"])["seed"] == 7
+    assert Path(first["cfd_output"], "asset.glb").is_file(), "the asset stays in the output folder"
+    assert first.data.uv_layers.get("UVMap") is not None and "cfd_preview_color" not in first.data.attributes
+    material = first.active_material
+    assert material.name == "a wooden toy (seed 7)"
+    bsdf = material.node_tree.nodes["Principled BSDF"]
+    link = bsdf.inputs["Base Color"].links[0]
+    assert link.from_node.bl_idname == "ShaderNodeTexImage"
+    image = link.from_node.image
+    assert image.packed_file is not None and tuple(image.size) == (128, 128) and image.name == first.name
+    assert bpy.context.view_layer.objects.active == first and first.select_get()
+    selected = draw_panels()
+    assert "seed 7" in labels(selected), labels(selected)
+
+    bpy.ops.cfd.reroll(wait=True)
+    second = bpy.data.objects[ctl.last_variant]
+    seed2 = second["cfd_seed"]
+    assert seed2 != 7 and scene.cfd.seed == seed2 and second.name == f"a wooden toy (seed {seed2})"
+    assert second.location.x > first.location.x + 1.0 and abs(second.location.y - first.location.y) < 1e-6
+    assert json.loads(second["cfd_job"]) == {**json.loads(first["cfd_job"]), "seed": seed2}
+    v1, v2 = vertices_of(first), vertices_of(second)
+    assert v1.shape != v2.shape or not np.allclose(v1, v2), "a new seed must give a different mesh"
+
+    bpy.context.view_layer.objects.active = first
+    scene.cfd.prompt = "something else"
+    bpy.ops.cfd.regenerate(wait=True)
+    third = bpy.data.objects[ctl.last_variant]
+    assert scene.cfd.prompt == "a wooden toy" and scene.cfd.seed == 7, (
+        "Regenerate loads the variant's settings"
+    )
+    assert third.name.startswith("a wooden toy (seed 7)") and third.name != first.name
+    assert np.array_equal(vertices_of(third), v1), "same seed and settings must give the same mesh"
+    assert (third.location - second.location).length > 1.0, "the regenerated variant takes a free spot"
+
+    render = out / "variants.png"
+    render_variants([first, second, third], render)
+
+    last = third.name
+    before = {obj.name for obj in bpy.data.objects}
+    bpy.ops.ed.undo()
+    after = {obj.name for obj in bpy.data.objects}
+    assert before - after == {last}, f"one undo removes just the last variant: {before - after}"
+    return {"render": str(render), "stream_vertex_counts": sorted(counts), "seeds": [7, seed2, 7]}
+
+
+def render_variants(objects, path: Path) -> None:
+    """Workbench, textured, from a camera in front of the row of variants."""
+    scene = bpy.context.scene
+    for obj in scene.objects:
+        if obj.type == "MESH" and obj not in objects:
+            obj.hide_render = True
+    center = sum((obj.location for obj in objects), start=objects[0].location * 0) / len(objects)
+    camera = bpy.data.objects["Camera"]
+    camera.location = (center.x, center.y - 9.0, 3.0)
+    camera.rotation_euler = (np.radians(72.0), 0.0, 0.0)
+    scene.render.engine = "BLENDER_WORKBENCH"
+    scene.display.shading.light = "STUDIO"
+    scene.display.shading.color_type = "TEXTURE"
+    scene.render.resolution_x, scene.render.resolution_y = 720, 300
+    scene.render.filepath = str(path)
+    bpy.ops.render.render(write_still=True)
+    assert path.is_file()
+
+
+def interruptions(zip_path: str, out: Path) -> dict:
+    """Cancel, delete the streaming object, load another file, kill the server, out of memory, no env."""
+    ctl_module, prefs = install(zip_path, out)
+    ctl = ctl_module.get()
+    saved = out / "other.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(saved), copy=True)
+    results = {}
+
+    def start_slow(prompt: str = "a slow vase [slow]") -> object:
+        set_panel(prompt, 3)
+        assert bpy.ops.cfd.generate() == {"FINISHED"}
+        pump_until(ctl, lambda: ctl.job is not None and ctl.job.preview_step > 0, what="a preview")
+        return bpy.data.objects[ctl.job.object_name]
+
+    # Cancel: the server confirms, the partial object goes, Generate works again.
+    preview = start_slow()
+    name = preview.name
+    assert bpy.ops.cfd.cancel() == {"FINISHED"}
+    assert name not in bpy.data.objects, "cancel removes the partial mesh"
+    results["cancel_seconds"] = pump_until(ctl, lambda: not ctl.busy, what="cancelled")
+    assert ctl.error is None and bpy.ops.cfd.generate.poll()
+
+    # Deleting the streaming object cancels the job.
+    preview = start_slow()
+    bpy.data.objects.remove(preview)
+    pump_until(ctl, lambda: not ctl.busy, what="cancel after deleting the object")
+    assert ctl.error is None
+
+    # Loading another file cancels it too (the load_pre handler), and nothing leaks into the new file.
+    start_slow()
+    bpy.ops.wm.open_mainfile(filepath=str(saved))
+    assert ctl.phase.name == "CANCELLING", ctl.phase
+    pump_until(ctl, lambda: not ctl.busy, what="cancel after loading a file")
+    assert not [obj for obj in bpy.data.objects if obj.name.startswith("CFD preview")]
+
+    # A killed server is reported; the panel shows why; Generate starts a new server.
+    start_slow()
+    process = ctl.connection.process
+    os.kill(process.pid, signal.SIGKILL)
+    pump_until(ctl, lambda: not ctl.busy, what="the crash to be noticed")
+    assert ctl.error is not None and ctl.error.code == "server_exited", ctl.error
+    assert "-9" in ctl.error.message, ctl.error.message
+    crashed = draw_panels()
+    assert "The server stopped" in labels(crashed), labels(crashed)
+    assert shown(crashed, "operator", idname="cfd.check_environment"), "the error box offers the check"
+    assert shown(crashed, "operator", idname="cfd.generate"), "Generate is offered again"
+    results["crash_panel"] = labels(crashed)
+    set_panel("a recovered cup", 5)
+    assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}
+    assert ctl.error is None and "a recovered cup (seed 5)" in bpy.data.objects
+    assert ctl.connection.process.pid != process.pid
+
+    # A job error (out of memory) shows the server's message and fix; the partial object goes.
+    set_panel("a heavy statue [oom]", 1)
+    assert "out of memory" in reported_error(bpy.ops.cfd.generate, wait=True)
+    assert ctl.error.code == "out_of_memory" and "render size" in ctl.error.fix, ctl.error
+    assert not [obj for obj in bpy.data.objects if obj.name.startswith("CFD preview")]
+    oom = draw_panels()
+    assert "out of memory" in labels(oom) and shown(oom, "operator", idname="cfd.dismiss_error")
+    results["oom_panel"] = labels(oom)
+    bpy.ops.cfd.dismiss_error()
+    assert ctl.error is None
+
+    # Quitting (here: disabling the extension) stops the server.
+    process = ctl.connection.process
+    prefs.python_path = str(out / "no-such-python")
+    bpy.ops.cfd.stop_server()
+    assert process.poll() is not None, "Stop Server ends the process"
+    assert "no-such-python" in reported_error(bpy.ops.cfd.generate)
+    assert ctl.error.code == "no_environment" and "no-such-python" in ctl.error.message, ctl.error
+    results["no_environment_panel"] = labels(draw_panels())
+    prefs.python_path = sys.executable
+    set_panel("a last cube", 2)
+    assert bpy.ops.cfd.generate() == {"FINISHED"}
+    process = ctl.connection.process
+    bpy.ops.preferences.addon_disable(module=MODULE)
+    assert process.poll() is not None, "disabling the extension (as quitting does) stops the server"
+    return results
+
+
+def pump_timing(zip_path: str, out: Path) -> dict:
+    """Seconds per pump while a 50k-vertex preview streams in (new topology once, then in place)."""
+    ctl_module, _ = install(zip_path, out)
+    ctl = ctl_module.get()
+    set_panel("a dense ball [50k]", 11)
+    assert bpy.ops.cfd.generate() == {"FINISHED"}
+    vertex_counts = set()
+    deadline = time.monotonic() + TIMEOUT
+    while ctl.busy:
+        assert time.monotonic() < deadline, "the job did not finish"
+        ctl.pump()
+        time.sleep(0.01)
+        if ctl.busy and ctl.job.preview_step > 0:
+            vertex_counts.add(len(bpy.data.objects[ctl.job.object_name].data.vertices))
+    assert ctl.error is None, ctl.error
+    assert vertex_counts == {50178, 49954}, vertex_counts
+    ticks = {kind: [1000 * seconds for seconds in values] for kind, values in ctl.stats.ticks.items()}
+    assert len(ticks["mesh_in_place"]) >= 2 and len(ticks["mesh_new_topology"]) >= 2, ticks
+    summary = {
+        kind: {"ticks": len(ms), "median_ms": float(np.median(ms)), "max_ms": max(ms)}
+        for kind, ms in ticks.items()
+        if ms
+    }
+    return {"vertices": sorted(vertex_counts), "tick_ms": summary}
+
+
+def environment(zip_path: str, out: Path) -> dict:
+    """Check Environment on this interpreter and on a missing one; Set Up refuses while offline."""
+    _, prefs = install(zip_path, out)
+    operators = sys.modules[f"{MODULE}.blender_cfd.operators"]
+    assert bpy.ops.cfd.check_environment() == {"FINISHED"}
+    report = operators.environment_state().report
+    assert report.ok, report
+    assert report.python_version == ".".join(map(str, sys.version_info[:3]))
+    assert report.torch.startswith("2.") and report.device == "cpu", report
+    good = operators.environment_state().lines()
+
+    prefs.python_path = str(out / "missing" / "python")
+    assert "not found" in reported_error(bpy.ops.cfd.check_environment)
+    report = operators.environment_state().report
+    assert not report.ok and "not found" in report.problem and "Set up Environment" in report.fix, report
+
+    assert not bpy.app.online_access
+    assert "online access" in reported_error(bpy.ops.cfd.setup_environment)
+    assert "Online Access" in operators.environment_state().lines()[0]
+    assert not Path(bpy.utils.extension_path_user(MODULE, path="venv")).exists(), "nothing may be installed"
+    return {"check_lines": good}
+
+
+SCENARIOS = {f.__name__: f for f in (variants, interruptions, pump_timing, environment)}
+
+if __name__ == "__main__":
+    name, zip_file, out_dir = sys.argv[1:4]
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    result = SCENARIOS[name](zip_file, out_path)
+    (out_path / "result.json").write_text(json.dumps(result, indent=2))
+    controller = sys.modules.get(f"{MODULE}.blender_cfd.controller")
+    if controller is not None:
+        controller.get().shutdown()
+    print(f"scenario {name}: ok")

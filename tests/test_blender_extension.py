@@ -1,0 +1,289 @@
+"""The Blender extension: manifest and zip, format logic, and real-bpy scenarios against a real server.
+
+The bpy scenarios (tests/blender_scenarios.py) each run in their own process with an isolated
+Blender user folder; the zip they install is the one built here with the extension tool bundled in
+the bpy wheel, exactly as `blender --command extension build` would make it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+BPY_SPEC = importlib.util.find_spec("bpy")
+needs_bpy = pytest.mark.skipif(BPY_SPEC is None, reason="bpy (Blender as a module) is not installed")
+
+
+def bpy_scripts() -> Path:
+    """`bpy/<version>/scripts` inside the wheel, found without importing bpy (once per process only)."""
+    package = Path(BPY_SPEC.submodule_search_locations[0])
+    return next(package.glob("*/scripts/addons_core/bl_pkg/cli/blender_ext.py")).parents[3]
+
+
+def blender_ext(*args: str) -> subprocess.CompletedProcess:
+    scripts = bpy_scripts()
+    tool = scripts / "addons_core" / "bl_pkg" / "cli" / "blender_ext.py"
+    tags = scripts / "modules" / "_bpy_internal" / "extensions" / "tags.py"
+    command = [sys.executable, str(tool), args[0], *args[1:], "--valid-tags", str(tags)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def extension_zip(tmp_path_factory) -> Path:
+    if BPY_SPEC is None:
+        pytest.skip("bpy is not installed")
+    out = tmp_path_factory.mktemp("extension")
+    result = blender_ext("build", "--source-dir", str(ROOT), "--output-dir", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return next(out.glob("blender_cfd-*.zip"))
+
+
+def run_scenario(name: str, extension_zip: Path, tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"),
+        PYTHONPATH=str(TESTS),
+        OMP_WAIT_POLICY="PASSIVE",
+        OMP_NUM_THREADS="1",
+    )
+    command = [sys.executable, str(TESTS / "blender_scenarios.py"), name, str(extension_zip), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert result.returncode == 0, (
+        f"scenario {name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    )
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+# ------------------------------------------------------------------------------------- manifest and zip
+
+
+@needs_bpy
+def test_manifest_validates_and_the_zip_carries_only_the_extension(extension_zip):
+    assert blender_ext("validate", str(ROOT)).returncode == 0
+    result = blender_ext("validate", str(extension_zip))
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = zipfile.ZipFile(extension_zip).namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert tops <= {
+        "__init__.py",
+        "blender_manifest.toml",
+        "blender_cfd",
+        "server",
+        "requirements.txt",
+        "LICENSE",
+    }
+    assert {"__init__.py", "blender_manifest.toml", "blender_cfd/controller.py", "server/protocol.py"} <= set(
+        names
+    )
+    assert "server/client.py" in names and "server/serve.py" in names
+    weights = sorted((ROOT / "server" / "shapes" / "weights").glob("*"))
+    assert all(f"server/shapes/weights/{w.name}" in names for w in weights if w.is_file())
+    assert not [
+        n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/." in n or n.startswith(".")
+    ]
+
+
+def test_nothing_blender_side_imports_torch():
+    """Blender's process must never load torch: neither the add-on nor the server modules it imports."""
+    code = (
+        "import sys, importlib; sys.modules['bpy'] = None\n"
+        "for m in ['blender_cfd.glb', 'blender_cfd.jobs', 'blender_cfd.camera_rig',"
+        " 'blender_cfd.environment', 'server.protocol', 'server.client']: importlib.import_module(m)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    for path in (ROOT / "blender_cfd").glob("*.py"):
+        assert "import torch" not in path.read_text(), path
+
+
+# ------------------------------------------------------------------------------------- format logic
+
+
+def test_glb_reader_recovers_the_exported_mesh_uvs_and_texture(tmp_path):
+    """Through the server's real exporter and back: Z up, welded vertices, UVs that find the colours."""
+    import io
+
+    import trimesh
+    from PIL import Image
+
+    from blender_cfd.glb import read_glb
+    from server.export import bake_and_export
+
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    vertices = (sphere.vertices * [0.5, 0.7, 0.9]).astype(np.float32)
+
+    def color(points):
+        return np.clip(points * 0.5 + 0.5, 0.0, 1.0)
+
+    exported = bake_and_export(vertices, sphere.faces, color, tmp_path, texture_size=256, write_obj=False)
+    asset = read_glb(Path(exported["glb"]).read_bytes())
+    assert asset.positions.shape == (len(sphere.vertices), 3), "UV seams must be welded back"
+    np.testing.assert_allclose(asset.positions.min(0), [-0.5, -0.7, -0.9], atol=1e-6)  # Z stays up
+    np.testing.assert_allclose(asset.positions.max(0), [0.5, 0.7, 0.9], atol=1e-6)
+    assert asset.faces.shape == (len(sphere.faces), 3) and asset.corner_uvs.shape == (len(sphere.faces), 3, 2)
+    normals = np.cross(
+        *(asset.positions[asset.faces[:, i]] - asset.positions[asset.faces[:, 0]] for i in (1, 2))
+    )
+    centers = asset.positions[asset.faces].mean(axis=1)
+    assert (np.einsum("ij,ij->i", normals, centers) > 0).mean() > 0.99, "faces must keep outward winding"
+    texture = np.asarray(Image.open(io.BytesIO(asset.texture)).convert("RGB")) / 255.0
+    size = texture.shape[0]
+    uv = asset.corner_uvs.reshape(-1, 2)
+    rows = np.clip(((1.0 - uv[:, 1]) * size).astype(int), 0, size - 1)
+    cols = np.clip((uv[:, 0] * size).astype(int), 0, size - 1)
+    error = np.abs(texture[rows, cols] - color(asset.positions[asset.faces.reshape(-1)]))
+    assert error.mean() < 0.01 and error.max() < 0.05, (error.mean(), error.max())
+
+
+def test_glb_reader_rejects_what_it_cannot_read():
+    from blender_cfd.glb import GlbError, read_glb
+
+    with pytest.raises(GlbError, match="magic"):
+        read_glb(b"not a real glb: written by tests/fake_runner.py")
+    with pytest.raises(GlbError, match="truncated"):
+        read_glb(b"glTF" + (2).to_bytes(4, "little") + (999).to_bytes(4, "little") + bytes(12))
+
+
+def test_every_panel_setting_makes_a_job_the_server_accepts():
+    """Contract with server/job.py: what the extension sends passes JobSpec validation unchanged."""
+    from blender_cfd import jobs
+    from server.job import JobSpec
+
+    rig = jobs.orbit_ranges((math.radians(-10), math.radians(45)), (2.2, 2.6), math.radians(40))
+    camera = np.eye(4)
+    camera[:3, 3] = (0.0, -3.0, 0.5)
+    cameras = jobs.explicit_cameras([(camera, math.radians(39.6))])
+    for quality in jobs.QUALITY_PRESETS:
+        for method in ("CFD", "FSD", "SDS"):
+            for views in ({"orbit": rig}, {"orbit": {}}, {"cameras": cameras}):
+                job = jobs.build_job(
+                    prompt="a red apple",
+                    negative_prompt="blurry",
+                    seed=2**31 - 1,
+                    quality=quality,
+                    method=method,
+                    guidance_scale=7.5,
+                    init_shape="SPHERE",
+                    prior="shapes",
+                    device="AUTO",
+                    precision="FP16",
+                    output_dir="/tmp/out",
+                    **views,
+                )
+                spec = JobSpec.from_dict(job)
+                assert (spec.steps, spec.method, spec.seed) == (job["steps"], method.lower(), 2**31 - 1)
+                assert jobs.quality_of(job) == quality
+                assert jobs.decode_job(jobs.encode_job(job)) == job
+    assert spec.cameras[0].fovy_deg == pytest.approx(39.6)
+    assert JobSpec.from_dict({**job, "init_shape": "mesh"}).init_shape == "mesh"
+
+
+def test_variant_names_fit_blender_and_keep_the_seed():
+    from blender_cfd.scene_objects import NAME_LIMIT, variant_name
+
+    assert variant_name("a  red\napple", 3) == "a red apple (seed 3)"
+    long = variant_name("é" * 100, 2**31 - 1)
+    assert len(long.encode()) <= NAME_LIMIT and long.endswith(" (seed 2147483647)") and "…" in long
+
+
+def test_rig_wireframe_spans_the_camera_ranges():
+    from blender_cfd.camera_rig import rig_wireframe
+
+    vertices, edges = rig_wireframe((-10.0, 45.0), (2.2, 2.6))
+    radius = np.linalg.norm(vertices, axis=1)
+    elevation = np.degrees(np.arcsin(vertices[:, 2] / radius))
+    assert radius.min() == pytest.approx(2.2) and radius.max() == pytest.approx(2.6)
+    assert elevation.min() == pytest.approx(-10.0) and elevation.max() == pytest.approx(45.0)
+    assert edges.min() >= 0 and edges.max() < len(vertices)
+    assert np.linalg.norm(vertices[edges[:, 0]] - vertices[edges[:, 1]], axis=1).max() < 0.5
+
+
+def test_init_mesh_is_centred_and_fits_the_grid():
+    from blender_cfd.jobs import normalized_init_mesh
+
+    vertices = np.random.default_rng(0).normal(size=(50, 3)) * [10.0, 1.0, 3.0] + 100.0
+    scaled, faces = normalized_init_mesh(vertices, np.array([[0, 1, 2]]))
+    assert np.abs(scaled).max() == pytest.approx(0.8, abs=1e-6)
+    np.testing.assert_allclose((scaled.min(0) + scaled.max(0)) / 2, 0.0, atol=1e-6)
+    assert faces.dtype == np.int32
+    with pytest.raises(ValueError, match="flat"):
+        normalized_init_mesh(np.zeros((3, 3)), np.array([[0, 1, 2]]))
+
+
+def test_environment_paths_and_setup_commands(tmp_path):
+    from blender_cfd import environment
+
+    venv = tmp_path / "venv"
+    python = environment.venv_python(venv)
+    assert python == (venv / "Scripts" / "python.exe" if os.name == "nt" else venv / "bin" / "python")
+    assert environment.resolve_python("", venv) is None
+    assert environment.resolve_python(" /opt/py/bin/python ", venv) == Path("/opt/py/bin/python")
+    commands = environment.setup_commands(venv, "CPU", base_python=Path("/usr/bin/python3"))
+    assert commands[0] == ["/usr/bin/python3", "-m", "venv", str(venv)]
+    assert commands[2][:5] == [str(python), "-m", "pip", "install", "torch==2.13.0"]
+    assert (
+        commands[2][-2:] == ["--index-url", "https://download.pytorch.org/whl/cpu"]
+        or sys.platform == "darwin"
+    )
+    assert commands[3][-2:] == ["-r", str(environment.REQUIREMENTS)]
+    env = environment.server_environment({"PYTHONPATH": "/elsewhere"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/elsewhere"]
+
+
+def test_probe_reports_a_missing_interpreter_and_missing_packages(tmp_path):
+    import venv
+
+    from blender_cfd import environment
+
+    report = environment.probe(tmp_path / "nope" / "python")
+    assert not report.ok and "not found" in report.problem and report.fix
+    venv.EnvBuilder(with_pip=False).create(tmp_path / "bare")
+    report = environment.probe(environment.venv_python(tmp_path / "bare"))
+    assert not report.ok and {"torch", "numpy", "PIL"} <= set(report.missing), report
+    assert "Set up Environment" in report.fix
+
+
+# ------------------------------------------------------------------------------------- real bpy scenarios
+
+
+@needs_bpy
+def test_generate_streams_then_rerolls_and_regenerates_variants(extension_zip, tmp_path):
+    result = run_scenario("variants", extension_zip, tmp_path)
+    assert Path(result["render"]).stat().st_size > 10_000
+    print(json.dumps(result, indent=2))
+
+
+@needs_bpy
+def test_cancel_delete_load_and_a_killed_server(extension_zip, tmp_path):
+    result = run_scenario("interruptions", extension_zip, tmp_path)
+    assert result["cancel_seconds"] < 5.0
+    print(json.dumps(result, indent=2))
+
+
+@needs_bpy
+def test_pump_time_per_tick_with_a_50k_vertex_preview(extension_zip, tmp_path):
+    result = run_scenario("pump_timing", extension_zip, tmp_path)
+    print(json.dumps(result, indent=2))
+    ticks = result["tick_ms"]
+    assert ticks["mesh_in_place"]["median_ms"] < 16.0, "moving 50k vertices must fit in a frame"
+    assert ticks["mesh_new_topology"]["median_ms"] < 500.0, "a new 50k-vertex topology must not freeze the UI"
+
+
+@needs_bpy
+def test_environment_check_and_offline_setup(extension_zip, tmp_path):
+    result = run_scenario("environment", extension_zip, tmp_path)
+    assert any("torch" in line for line in result["check_lines"]), result

@@ -1,0 +1,151 @@
+"""The real generator: determinism, outputs on disk, and the whole job through a real server process.
+
+Short jobs on the shipped shapes prior (a few steps on a coarse grid): what is checked is that the
+loop, the streaming, the export and the protocol work together, not how good the asset is (that
+is the quality benchmark's job).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+from server.client import ConnectionClosed, ServerProcess
+from server.job import Cancelled, JobSpec
+
+REPO = Path(__file__).resolve().parent.parent
+FINAL = {"done", "cancelled", "error"}
+QUICK = {"steps": 6, "grid_resolution": 12, "texture_size": 128, "render_size": 32, "preview_max_fps": 30}
+
+
+class Recorder:
+    """Collects what a job reports, as the server's JobEvents would send it."""
+
+    def __init__(self):
+        self.updates, self.meshes, self.textures = [], [], []
+
+    def progress(self, *args, **kwargs):
+        self.updates.append(args)
+
+    def preview_due(self):
+        return True
+
+    def preview_mesh(self, step, positions, faces, colors=None):
+        self.meshes.append((positions.copy(), faces.copy(), colors.copy()))
+
+    def texture(self, step, png, width, height, final=False):
+        self.textures.append((png, width, height, final))
+
+
+def run(tmp_path: Path, seed: int, **settings):
+    from server.generate import run_job
+
+    spec = JobSpec.from_dict({"prompt": "a red cube", "seed": seed, "output_dir": str(tmp_path), **QUICK, **settings})
+    events = Recorder()
+    return run_job(spec, None, events, lambda: False), events
+
+
+def test_same_seed_same_asset_and_a_new_seed_a_new_one(tmp_path: Path):
+    first, events = run(tmp_path / "a", seed=3)
+    again, _ = run(tmp_path / "b", seed=3)
+    other, _ = run(tmp_path / "c", seed=4)
+    load = lambda r: trimesh.load(r.glb, force="mesh")  # noqa: E731
+    np.testing.assert_array_equal(load(first).vertices, load(again).vertices)
+    assert events.meshes, "previews were streamed"
+    final_preview = events.meshes[-1][0]
+    other_vertices = trimesh.load(other.glb, force="mesh").vertices
+    assert load(first).vertices.shape != other_vertices.shape or not np.allclose(load(first).vertices, other_vertices)
+    assert final_preview.dtype == np.float32 and events.meshes[-1][2].dtype == np.uint8
+
+
+def test_outputs_are_complete_and_self_describing(tmp_path: Path):
+    result, events = run(tmp_path, seed=0)
+    assert result.out_dir.parent == tmp_path and not list(tmp_path.glob(".*partial"))
+    mesh = trimesh.load(result.glb, force="mesh")
+    assert len(mesh.faces) > 0 and mesh.visual.material.baseColorTexture is not None
+    record = json.loads(result.job_json.read_text())
+    assert record["seed"] == 0 and record["job"]["prompt"] == "a red cube"
+    assert JobSpec.from_dict({k: v for k, v in record["job"].items()}).steps == QUICK["steps"]
+    preview = Image.open(result.preview_png)
+    assert preview.width > preview.height  # several views side by side
+    png, width, height, final = events.textures[-1]
+    assert final and Image.open(io.BytesIO(png)).size == (width, height) == (128, 128)
+    steps = [p[0] for p in events.updates]
+    assert steps == list(range(1, QUICK["steps"] + 1))
+
+
+def test_cancel_stops_within_a_step(tmp_path: Path):
+    from server.generate import run_job
+
+    spec = JobSpec.from_dict({"prompt": "a cube", "output_dir": str(tmp_path), **QUICK, "steps": 500})
+    events = Recorder()
+    with pytest.raises(Cancelled) as caught:
+        run_job(spec, None, events, lambda: len(events.updates) >= 3)
+    assert caught.value.step == 3 and not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    process = ServerProcess(sys.executable, ["--output-root", str(tmp_path)], cwd=REPO, env=env)
+    process.hello(timeout=120)
+    yield process
+    process.close()
+
+
+def messages_until_final(server: ServerProcess, timeout: float = 300):
+    messages, deadline = [], time.monotonic() + timeout
+    while not messages or messages[-1].type not in FINAL:
+        message = server.get(max(0.1, deadline - time.monotonic()))
+        assert message is not None, f"no final message in {timeout} s"
+        messages.append(message)
+    return messages
+
+
+def test_a_real_job_streams_previews_and_writes_a_valid_glb(server: ServerProcess, tmp_path: Path):
+    server.generate("job-1", {"prompt": "a red cube", "seed": 1, **QUICK})
+    messages = messages_until_final(server)
+    done = messages[-1]
+    assert done.type == "done", done.header
+    kinds = [m.type for m in messages]
+    assert kinds[0] == "accepted" and "progress" in kinds and "preview_mesh" in kinds and "texture" in kinds
+    mesh = next(m for m in messages if m.type == "preview_mesh")
+    positions, faces = mesh.arrays["positions"], mesh.arrays["faces"]
+    assert positions.shape[1] == 3 and faces.max() < len(positions)
+    loaded = trimesh.load(done.header["glb"], force="mesh")
+    assert len(loaded.faces) > 0 and Path(done.header["preview_png"]).exists()
+    assert done.header["steps_per_second"] > 0
+
+
+def test_bad_input_is_refused_and_the_server_stays_usable(server: ServerProcess):
+    server.generate("bad", {"prompt": "a cube", "steps": 0})
+    error = server.wait_for("error", 10)
+    assert error.header["code"] == "bad_settings" and "steps" in error.header["message"]
+    server.generate("bad-prior", {"prompt": "a cube", "prior": "/nonexistent/model/folder", **QUICK})
+    messages = messages_until_final(server)
+    assert messages[-1].type == "error" and messages[-1].header["code"] == "missing_weights"
+    assert server.ping() < 1.0
+
+
+def test_cancel_is_prompt_and_a_killed_server_is_seen(server: ServerProcess):
+    server.generate("long", {"prompt": "a cube", **QUICK, "steps": 5000})
+    server.wait_for("progress", 120)
+    asked = time.monotonic()
+    server.cancel("long")
+    cancelled = server.wait_for("cancelled", 5)
+    assert time.monotonic() - asked < 1.5 and cancelled.header["job_id"] == "long"
+    assert server.ping() < 1.0
+    server.generate("again", {"prompt": "a cube", **QUICK, "steps": 5000})
+    server.wait_for("progress", 120)
+    server.kill()
+    with pytest.raises(ConnectionClosed):
+        server.wait_for("done", 10)
