@@ -51,7 +51,16 @@ def setup() -> Path:
     if not STAMP.exists() or STAMP.read_text().strip() != wanted:
         print("installing requirements (first run takes a few minutes)", flush=True)
         subprocess.run(
-            [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", "-r", str(REQUIREMENTS)],
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "-q",
+                "-r",
+                str(REQUIREMENTS),
+            ],
             check=True,
         )
         STAMP.write_text(wanted)
@@ -73,7 +82,8 @@ def main(argv: list[str]) -> int:
     if argv[0] == "setup":
         return 0
     if argv[0] == "demo":
-        return run(python, ["-m", "server", "ddim-check", *argv[1:]])
+        demo = ["-m", "server", "generate", "--prompt", "a red cube", "--seed", "0", "--out", "outputs"]
+        return run(python, [*demo, *argv[1:]])
     return run(python, ["-m", "pytest", *argv[1:]])
 
 

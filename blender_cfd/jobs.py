@@ -39,12 +39,13 @@ PANEL_FIELDS = ("prompt", "negative_prompt", "seed", "guidance_scale")
 
 
 def orbit_ranges(elevation_rad: tuple[float, float], radius: tuple[float, float], fov_rad: float) -> dict:
-    """An orbit rig's ranges as the job's "orbit" object (degrees)."""
-    fov = math.degrees(fov_rad)
+    """An orbit rig's ranges as the job's "orbit" object (degrees). Blender stores float32, so values
+    are rounded to what a person typed (1e-4) and a stored job reads cleanly."""
+    fov = round(math.degrees(fov_rad), 4)
     return {
-        "elevation_deg": [math.degrees(elevation_rad[0]), math.degrees(elevation_rad[1])],
+        "elevation_deg": [round(math.degrees(elevation_rad[0]), 4), round(math.degrees(elevation_rad[1]), 4)],
         "azimuth_deg": [-180.0, 180.0],
-        "radius": [float(radius[0]), float(radius[1])],
+        "radius": [round(float(radius[0]), 4), round(float(radius[1]), 4)],
         "fovy_deg": [fov, fov],
     }
 

@@ -20,7 +20,7 @@ from . import controller as job_controller
 from . import environment, jobs, scene_objects
 from .preferences import preferences, user_folder
 
-VARIANT_GAP = 0.4  # scene units between neighbouring variants
+VARIANT_GAP = 0.5  # scene units between neighbouring variants
 OBJECT_EXTENT = 1.0  # generated objects live in [-1, 1]^3
 
 

@@ -14,7 +14,14 @@ from . import controller as job_controller
 from . import scene_objects
 
 
-def _wrapped(layout: bpy.types.UILayout, text: str, icon: str = "NONE", width: int = 42) -> None:
+def _line_width(context: bpy.types.Context) -> int:
+    """Characters that fit on one sidebar label (under 8 px each at UI scale 1, after the icon)."""
+    if context.region is None:
+        return 40
+    return max(16, int(context.region.width / (8.0 * context.preferences.system.ui_scale)) - 4)
+
+
+def _wrapped(layout: bpy.types.UILayout, text: str, width: int, icon: str = "NONE") -> None:
     """Labels do not wrap in Blender: split long messages into lines, the icon on the first."""
     for index, line in enumerate(textwrap.wrap(text, width) or [""]):
         layout.label(text=line, icon=icon if index == 0 else "BLANK1")
@@ -58,10 +65,16 @@ class CFD_PT_generate(bpy.types.Panel):
             row.operator("cfd.add_camera_rig", text="", icon="ADD")
             if settings.camera_rig is not None:
                 rig = settings.camera_rig.cfd_rig
-                grid = box.grid_flow(columns=2, align=True)
-                for name in ("elevation_min", "elevation_max", "radius_min", "radius_max"):
-                    grid.prop(rig, name)
-                box.prop(rig, "fov")
+                col = box.column(align=True)
+                for label, low, high in (
+                    ("Elevation", "elevation_min", "elevation_max"),
+                    ("Radius", "radius_min", "radius_max"),
+                ):
+                    row = col.row(align=True)
+                    row.label(text=label)
+                    row.prop(rig, low, text="")
+                    row.prop(rig, high, text="")
+                col.prop(rig, "fov")
         else:
             count = sum(1 for obj in context.selected_objects if obj.type == "CAMERA")
             box.label(text=f"{count} selected camera{'s' if count != 1 else ''}", icon="CAMERA_DATA")
@@ -77,6 +90,8 @@ class CFD_PT_generate(bpy.types.Panel):
             row = layout.row(align=True)
             row.progress(factor=progress.fraction, type="BAR", text=text)
             row.operator("cfd.cancel", text="", icon="X")
+            if job.server_info:
+                layout.label(text=f"on {job.server_info.get('device_name') or job.server_info.get('device')}")
         else:
             row = layout.row()
             row.scale_y = 1.5
@@ -85,9 +100,10 @@ class CFD_PT_generate(bpy.types.Panel):
         if job.error is not None:
             box = layout.box()
             box.alert = True
-            _wrapped(box, job.error.message, icon="ERROR")
+            width = _line_width(context)
+            _wrapped(box, job.error.message, width, icon="ERROR")
             if job.error.fix:
-                _wrapped(box, job.error.fix, icon="INFO")
+                _wrapped(box, job.error.fix, width, icon="INFO")
             row = box.row()
             if job.error.code in job_controller.ENVIRONMENT_ERRORS:
                 row.operator("cfd.check_environment", icon="CHECKMARK")
@@ -110,10 +126,10 @@ class CFD_PT_variants(bpy.types.Panel):
         obj = context.active_object
         if obj is not None and "cfd_seed" in obj:
             col = layout.column(align=True)
-            _wrapped(col, f"{obj.get('cfd_prompt', '')}", icon="OBJECT_DATA")
+            _wrapped(col, f"{obj.get('cfd_prompt', '')}", _line_width(context), icon="OBJECT_DATA")
             col.label(text=f"seed {obj['cfd_seed']} · {obj.get('cfd_settings', {}).get('method', '')}")
         collection = bpy.data.collections.get(scene_objects.VARIANTS_COLLECTION)
-        count = len(collection.objects) if collection is not None else 0
+        count = sum(1 for o in collection.objects if "cfd_job" in o) if collection is not None else 0
         row = layout.row()
         row.label(text=f"{count} variant{'s' if count != 1 else ''}")
         row.operator("cfd.open_output_folder", text="", icon="FILE_FOLDER")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
 from . import jobs
 
+HALF_PI = math.pi / 2
 QUALITY_ITEMS = [(key, preset.label, preset.description) for key, preset in jobs.QUALITY_PRESETS.items()]
 METHOD_ITEMS = [
     ("CFD", "CFD", "Consistent Flow Distillation: 3D-consistent noise, sharp and diverse results (default)"),
@@ -61,15 +64,30 @@ class CFDRigSettings(bpy.types.PropertyGroup):
 
     is_rig: BoolProperty(default=False, options={"HIDDEN"})
     elevation_min: FloatProperty(
-        name="Elevation Min", subtype="ANGLE", min=-1.5708, max=1.5708, default=-0.1745, update=_rebuild_rig
+        name="Elevation Min",
+        subtype="ANGLE",
+        min=-HALF_PI,
+        max=HALF_PI,
+        default=math.radians(-10.0),
+        update=_rebuild_rig,
     )
     elevation_max: FloatProperty(
-        name="Elevation Max", subtype="ANGLE", min=-1.5708, max=1.5708, default=0.7854, update=_rebuild_rig
+        name="Elevation Max",
+        subtype="ANGLE",
+        min=-HALF_PI,
+        max=HALF_PI,
+        default=math.radians(45.0),
+        update=_rebuild_rig,
     )
     radius_min: FloatProperty(name="Radius Min", min=1.05, max=20.0, default=2.2, update=_rebuild_rig)
     radius_max: FloatProperty(name="Radius Max", min=1.05, max=20.0, default=2.6, update=_rebuild_rig)
     fov: FloatProperty(
-        name="Field of View", description="Vertical", subtype="ANGLE", min=0.1, max=2.5, default=0.6981
+        name="Field of View",
+        description="Vertical",
+        subtype="ANGLE",
+        min=0.1,
+        max=2.5,
+        default=math.radians(40.0),
     )
 
 

@@ -26,7 +26,9 @@ class Camera:
         return self.c2w[:3, 3]
 
 
-def look_at(eye: np.ndarray, target: np.ndarray = (0.0, 0.0, 0.0), up: np.ndarray = (0.0, 0.0, 1.0)) -> np.ndarray:
+def look_at(
+    eye: np.ndarray, target: np.ndarray = (0.0, 0.0, 0.0), up: np.ndarray = (0.0, 0.0, 1.0)
+) -> np.ndarray:
     """Camera-to-world matrix of a camera at `eye` looking at `target` (camera -Z points at it)."""
     eye = np.asarray(eye, dtype=np.float64)
     forward = np.asarray(target, dtype=np.float64) - eye
@@ -92,11 +94,11 @@ class OrbitRig:
         for name, (lo, hi) in vars(self).items():
             if not lo <= hi:
                 raise ValueError(f"camera rig {name}: lower bound {lo} is above upper bound {hi}")
-        if not (-90.0 <= self.elevation_deg[0] and self.elevation_deg[1] <= 90.0):
+        if not (self.elevation_deg[0] >= -90.0 and self.elevation_deg[1] <= 90.0):
             raise ValueError(f"camera rig elevation_deg must lie in [-90, 90], got {self.elevation_deg}")
         if self.radius[0] <= 1.0:
             raise ValueError(f"camera rig radius must exceed 1 (the object's box), got {self.radius}")
-        if not (1.0 <= self.fovy_deg[0] and self.fovy_deg[1] < 170.0):
+        if not (self.fovy_deg[0] >= 1.0 and self.fovy_deg[1] < 170.0):
             raise ValueError(f"camera rig fovy_deg must lie in [1, 170), got {self.fovy_deg}")
 
     def sample_angles(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -111,6 +113,4 @@ class OrbitRig:
         return np.stack([elevation, azimuth, radius, fovy], axis=1)
 
     def sample(self, rng: np.random.Generator, n: int) -> list[Camera]:
-        return [
-            Camera(orbit_c2w(e, a, r), math.radians(f)) for e, a, r, f in self.sample_angles(rng, n)
-        ]
+        return [Camera(orbit_c2w(e, a, r), math.radians(f)) for e, a, r, f in self.sample_angles(rng, n)]

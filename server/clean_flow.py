@@ -23,16 +23,29 @@ from server.schedule import NoiseSchedule
 @dataclass
 class CleanFlowResult:
     images: torch.Tensor  # final clean variable [B, C, h, w]
-    trajectory: list[torch.Tensor] = field(default_factory=list)  # x_t = alpha_t x + sigma_t eps before each step
+    trajectory: list[torch.Tensor] = field(
+        default_factory=list
+    )  # x_t = alpha_t x + sigma_t eps before each step
     clean: list[torch.Tensor] = field(default_factory=list)  # the clean variable before each step
 
 
-def clean_flow_2d(prior, cond: torch.Tensor, uncond: torch.Tensor, noise: NoiseProvider,
-                  timesteps: Sequence[int], shape: tuple[int, int, int, int], guidance_scale: float,
-                  cfg_form: CFGForm, optimizer: str = "sgd", lr: float = 2.5e-3,
-                  weighting: Weighting = Weighting.ONE, gamma: float = 0.0,
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                  callback: Callable[[int, torch.Tensor], None] | None = None) -> CleanFlowResult:
+def clean_flow_2d(
+    prior,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    noise: NoiseProvider,
+    timesteps: Sequence[int],
+    shape: tuple[int, int, int, int],
+    guidance_scale: float,
+    cfg_form: CFGForm,
+    optimizer: str = "sgd",
+    lr: float = 2.5e-3,
+    weighting: Weighting = Weighting.ONE,
+    gamma: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> CleanFlowResult:
     """Run the clean flow over `timesteps` (descending) for B images of `shape` = (B, C, h, w).
 
     optimizer "sgd": a plain gradient step of size lambda_t - lambda_prev with w = 1 -- DDIM exactly
@@ -55,8 +68,18 @@ def clean_flow_2d(prior, cond: torch.Tensor, uncond: torch.Tensor, noise: NoiseP
         result.trajectory.append(schedule.alpha(t) * x.detach() + schedule.sigma(t) * eps_tilde)
         if optimizer == "sgd":
             opt.param_groups[0]["lr"] = schedule.lam(t) - schedule.lam(t_prev)
-        step = distillation_step(prior, x, eps_tilde, t, cond, uncond, schedule, guidance_scale, cfg_form,
-                                 Weighting.ONE if optimizer == "sgd" else weighting)
+        step = distillation_step(
+            prior,
+            x,
+            eps_tilde,
+            t,
+            cond,
+            uncond,
+            schedule,
+            guidance_scale,
+            cfg_form,
+            Weighting.ONE if optimizer == "sgd" else weighting,
+        )
         opt.zero_grad(set_to_none=True)
         step.loss.backward()
         opt.step()
@@ -68,8 +91,15 @@ def clean_flow_2d(prior, cond: torch.Tensor, uncond: torch.Tensor, noise: NoiseP
 
 
 @torch.no_grad()
-def ddim_reference(prior, cond: torch.Tensor, uncond: torch.Tensor, x_T: torch.Tensor, num_steps: int,
-                   guidance_scale: float, cfg_form: CFGForm = CFGForm.UNCOND) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def ddim_reference(
+    prior,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    x_T: torch.Tensor,
+    num_steps: int,
+    guidance_scale: float,
+    cfg_form: CFGForm = CFGForm.UNCOND,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Plain DDIM (eta = 0) with diffusers' DDIMScheduler; returns x_0 and x_t before each step."""
     scheduler = DDIMScheduler.from_config(prior.scheduler.config)
     scheduler.set_timesteps(num_steps)

@@ -23,10 +23,11 @@ The reference stores W as a [6 charts, 4 radial shells, 2048, 2048, 4] texture (
    on exactly one face), with slabs k = floor(|p| / slab + jitter(chart, i, j)) in the radius, as the
    reference's direction x radial-shell charts: a surface moving along its normal on a roughly
    star-shaped object stays in its radial cells. Plus three parallel charts, the planes orthogonal to
-   x, y and z with slabs in the coordinate along the axis, at coarser texels (a fifth of the cells at
-   radius 0.6): a surface element with normal n projects onto them with total area (|n_x| + |n_y| + |n_z|)
-   A >= A, so no surface is degenerate for the whole set (the radial charts alone are, on surfaces
-   that pass through the centre, where the reference falls back to background noise).
+   x, y and z with slabs in the coordinate along the axis, their texels as large in world units as the
+   cube map's in gnomonic units (a fifth of the cells at radius 0.6): a surface element with normal n
+   projects onto them with total area (|n_x| + |n_y| + |n_z|) A >= A, so no surface is degenerate for
+   the whole set (the radial charts alone are, on surfaces that pass through the centre, where the
+   reference falls back to background noise).
 3. Footprints. As in the reference, the (h+1) x (w+1) latent-cell corners are masked averages of the
    true surface hits in a window around each corner, two triangles per latent pixel; a triangle is
    foreground if its three corners are opaque. A small rasteriser (below) covers each chart's texel
@@ -48,17 +49,16 @@ The reference stores W as a [6 charts, 4 radial shells, 2048, 2048, 4] texture (
    N(0, I_C) and i.i.d. over cells (a rotation of the Gaussian pair (A, B)), and the correlation
    between steps j < k is E[cos(Omega (L_k - L_j))] = exp(-(L_k - L_j)) = prod sqrt(1 - gamma): the
    first two moments of eps <- sqrt(1 - gamma) eps + sqrt(gamma) xi exactly, at O(1) cost per cell
-   whatever the number of steps. A latent pixel sums hundreds of cells, so its path over steps is
-   Gaussian to the central limit. gamma = 1 starts a fresh, independent lattice.
+   whatever the number of steps. A latent pixel sums a hundred cells or more, so its path over steps
+   is Gaussian to the central limit. gamma = 1 starts a fresh, independent lattice.
 7. Background pixels (no foreground triangle, or a footprint that owns no cell) take a fixed
    screen-space noise shared by all views and re-injected like the cells ("fixed"), or fresh noise
    at every call ("fresh").
 
 Cost per view: the cells one view touches (at the default texel, 2 / (5 max(h, w)), about 150 per
-latent pixel on a sphere of radius 0.6 seen from radius 2.4 with fovy 40: the count grows as
-1 / radius^2 on the radial charts; cross-view correlations match the ideal at a quarter of it), a
-z-buffer pair per chart over the footprint's bounding box, and the rasteriser's spans in chunks of
-`_CHUNK`; no state beyond the background noise.
+latent pixel on a sphere of radius 0.6 seen from radius 2.4 with fovy 40; the count grows as
+1 / radius^2 on the radial charts), a z-buffer pair per chart over the footprint's bounding box, and
+the rasteriser's spans in chunks of `_CHUNK`; no state beyond the background noise.
 """
 
 from __future__ import annotations
@@ -117,7 +117,9 @@ def _uniform_pair(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _SLAB_HALF, _TEXEL_HALF = 1 << 13, 1 << 21
 
 
-def pack_cells(chart: int, i: torch.Tensor, j: torch.Tensor, slab: torch.Tensor) -> torch.Tensor:
+def pack_cells(
+    chart: torch.Tensor | int, i: torch.Tensor, j: torch.Tensor, slab: torch.Tensor
+) -> torch.Tensor:
     """One int64 per lattice cell (distinct cells give distinct integers)."""
     for name, value, half in (
         ("texel", i, _TEXEL_HALF),
@@ -213,6 +215,7 @@ def latent_corner_mesh(
 #   parallel charts 6-8, the planes orthogonal to x, y, z: u, v = p_a, p_b, slab coordinate = p_e.
 _CUBE = tuple((axis, sign) for axis in range(3) for sign in (1.0, -1.0))
 _PLANE_AXES = ((1, 2), (2, 0), (0, 1))  # the (u, v) world axes of the chart along x, y, z
+_CHARTS = len(_CUBE) + len(_PLANE_AXES)
 _PLANE_TEXELS = 1.0  # a parallel chart's texel (world units) over the cube map's (gnomonic units)
 _MIN_COSINE = 0.3  # a triangle enters a cube face only if all its corners lie within 72.5 deg of its axis
 _CHUNK = 1 << 17  # rasteriser texels per batch: bounds its memory at a few MB
@@ -230,104 +233,116 @@ def _unsortable(key: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int32).view(torch.float32)
 
 
-def _chart_owners(uvq: torch.Tensor, faces: torch.Tensor, limit: int | None) -> tuple[torch.Tensor, ...]:
-    """Rasterise triangles on one chart: for every covered texel (i, j), its nearest and farthest face.
+def chart_corners(corners: torch.Tensor, texels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corners [V, 3] on every chart: [charts, V, 3] (u, v in texel units, depth q; smaller q is nearer)
+    and [charts, V] whether a corner may enter the chart. Texel (i, j) has its centre at integer (i, j);
+    a cube face has `texels` texels across [-1, 1] and q = -1 / t, a parallel chart q = p_e."""
+    uvq, allowed = [], []
+    for axis, sign in _CUBE:
+        t = sign * corners[:, axis]
+        inside = t > _MIN_COSINE * corners.norm(dim=1)
+        t = torch.where(inside, t, 1.0)
+        u, v = ((corners[:, k] / t + 1.0) * texels / 2 - 0.5 for k in _PLANE_AXES[axis])
+        uvq.append(torch.stack([u, v, -1.0 / t], dim=1))
+        allowed.append(inside)
+    size = _PLANE_TEXELS * 2.0 / texels
+    for axis, (u_axis, v_axis) in enumerate(_PLANE_AXES):
+        u, v = corners[:, u_axis] / size - 0.5, corners[:, v_axis] / size - 0.5
+        uvq.append(torch.stack([u, v, corners[:, axis]], dim=1))
+        allowed.append(torch.ones_like(u, dtype=torch.bool))
+    return torch.stack(uvq), torch.stack(allowed)
 
-    uvq [V, 3]: per corner, the chart position in texel units (texel (i, j) has its centre at integer
-    (i, j)) and a depth q that is affine over each triangle (smaller is nearer); `limit`: keep texels
-    with 0 <= i, j < limit only (a cube face), or None. Written by hand because this is a z-buffer
-    with integer (depth, face) keys over texel centres, not an image render: nvdiffrast needs CUDA and
-    the project's differentiable rasterizer renders images. Vectorised scanlines: the barycentric
-    weights are affine in the texel offset, so each (face, row of its bounding box) gets its span of
-    inside columns in closed form, and each covered (face, texel) costs a few gathers and one
-    multiply-add for its depth. Returns i, j, near_face, near_q, far_face, far_q per covered texel.
+
+def rasterize_owners(tri: torch.Tensor, chart: torch.Tensor, texels: int) -> tuple[torch.Tensor, ...]:
+    """For every texel of every chart covered by the triangles, its nearest and farthest triangle.
+
+    tri [T, 3, 3]: per triangle corner (u, v, q) as `chart_corners` gives; chart [T]: each triangle's
+    chart. Cube faces keep texels 0 <= i, j < `texels`. Written by hand because this is a z-buffer with
+    integer (depth, triangle) keys over texel centres, not an image render: nvdiffrast needs CUDA and
+    the project's differentiable rasterizer renders images. Vectorised scanlines over all charts at
+    once (each chart's z-buffer is a region of one flat buffer): the barycentric weights are affine in
+    the texel offset, so each (triangle, row of its bounding box) gets its span of inside columns in
+    closed form, and each covered (triangle, texel) costs a few gathers and one multiply-add for its
+    depth. Returns chart, i, j, near_triangle, near_q, far_triangle, far_q per covered texel.
     """
-    device = uvq.device
-    tri, depth = uvq[faces, :2], uvq[faces, 2]  # [F, 3, 2], [F, 3]
-    lo, hi = tri.amin(dim=1).ceil(), tri.amax(dim=1).floor()
-    if limit is not None:
-        lo, hi = lo.clamp_min(0.0), hi.clamp_max(limit - 1.0)
-    p = tri - lo[:, None]  # corners relative to the bounding box's first texel centre
+    device = tri.device
+    lo, hi = tri[:, :, :2].amin(dim=1).ceil(), tri[:, :, :2].amax(dim=1).floor()
+    cube = (chart < len(_CUBE))[:, None]
+    lo, hi = torch.where(cube, lo.clamp_min(0.0), lo), torch.where(cube, hi.clamp_max(texels - 1.0), hi)
+    p, depth = tri[:, :, :2] - lo[:, None], tri[:, :, 2]  # corners relative to the box's first texel
     e1, e2 = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]
     area2 = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
-    face = torch.nonzero((area2.abs() > 1e-10) & (hi >= lo).all(dim=1)).squeeze(1)
-    empty = torch.empty(0, dtype=torch.int64, device=device)
-    if len(face) == 0:
-        return empty, empty, empty, empty.float(), empty, empty.float()
-    p, depth, area2, lo, hi = p[face], depth[face], area2[face], lo[face].long(), hi[face].long()
+    kept = torch.nonzero((area2.abs() > 1e-10) & (hi >= lo).all(dim=1)).squeeze(1)
+    p, depth, area2, chart = p[kept], depth[kept], area2[kept], chart[kept]
+    lo, hi = lo[kept].long(), hi[kept].long()
+    # each chart's z-buffer: the bounding box of its triangles, laid out one chart after the other
+    origin = torch.full((_CHARTS, 2), _INT64_MAX, dtype=torch.int64, device=device)
+    origin = origin.scatter_reduce(0, chart[:, None].expand(-1, 2), lo, "amin")
+    end = torch.full((_CHARTS, 2), _INT64_MIN, dtype=torch.int64, device=device)
+    end = end.scatter_reduce(0, chart[:, None].expand(-1, 2), hi, "amax")
+    grid = (end - origin + 1).clamp_min(0)
+    offset = torch.cumsum(grid[:, 0] * grid[:, 1], 0) - grid[:, 0] * grid[:, 1]
     # weight of corner k at offset (di, dj) from lo: cross(p[k+1] - q, p[k+2] - q) / area2, affine in (di, dj)
     a, b = p[:, [1, 2, 0]], p[:, [2, 0, 1]]
-    w = (a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]) / area2[:, None]  # [F, 3]
+    w = (a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]) / area2[:, None]  # [T, 3]
     w_di = (a[..., 1] - b[..., 1]) / area2[:, None]
     w_dj = (b[..., 0] - a[..., 0]) / area2[:, None]
-    origin = lo.amin(dim=0)
-    grid = hi.amax(dim=0) - origin + 1
-    # scanlines: one per (face, bounding-box row), with the span of columns inside all three edges
+    # scanlines: one per (triangle, bounding-box row), with the span of columns inside all three edges
     rows = hi[:, 0] - lo[:, 0] + 1
-    row_face = torch.repeat_interleave(torch.arange(len(face), device=device), rows)
-    di = torch.arange(len(row_face), device=device) - (torch.cumsum(rows, 0) - rows)[row_face]
-    weight_at_0 = w[row_face] + w_di[row_face] * di[:, None].to(w.dtype)  # [R, 3] at dj = 0
-    slope = w_dj[row_face]
+    row_tri = torch.repeat_interleave(torch.arange(len(rows), device=device), rows)
+    di = torch.arange(len(row_tri), device=device) - (torch.cumsum(rows, 0) - rows)[row_tri]
+    weight_at_0 = w[row_tri] + w_di[row_tri] * di[:, None].to(w.dtype)  # [R, 3] at dj = 0
+    slope = w_dj[row_tri]
     bound = (-1e-6 - weight_at_0) / torch.where(slope == 0, 1.0, slope)
-    last_column = (hi[row_face, 1] - lo[row_face, 1]).to(w.dtype)
+    last_column = (hi[row_tri, 1] - lo[row_tri, 1]).to(w.dtype)
     lower = torch.where(slope > 0, bound, -math.inf).amax(dim=1)
     upper = torch.where(slope < 0, bound, math.inf).amin(dim=1)
     first = torch.minimum(lower.clamp_min(0.0), last_column + 1).ceil()
     last = torch.minimum(upper, last_column).clamp_min(-1.0).floor()
     blocked = ((slope == 0) & (weight_at_0 < -1e-6)).any(dim=1)
     count = torch.where(blocked, 0, (last - first + 1).clamp_min(0)).long()
-    depth_slope = (w_dj[row_face] * depth[row_face]).sum(dim=1)
-    depth0 = (weight_at_0 * depth[row_face]).sum(dim=1) + depth_slope * first
-    flat0 = (lo[row_face, 0] + di - origin[0]) * grid[1] + (lo[row_face, 1] + first.long() - origin[1])
+    depth_slope = (w_dj[row_tri] * depth[row_tri]).sum(dim=1)
+    depth0 = (weight_at_0 * depth[row_tri]).sum(dim=1) + depth_slope * first
+    c = chart[row_tri]
+    i0 = lo[row_tri, 0] + di - origin[c, 0]
+    flat0 = offset[c] + i0 * grid[c, 1] + (lo[row_tri, 1] + first.long() - origin[c, 1])
     keep = torch.nonzero(count).squeeze(1)
     count, flat0, depth0, depth_slope = count[keep], flat0[keep], depth0[keep], depth_slope[keep]
-    row_face = row_face[keep]
-    near = torch.full((int(grid[0] * grid[1]),), _INT64_MAX, dtype=torch.int64, device=device)
+    row_tri = kept[row_tri[keep]]
+    near = torch.full(
+        (int(offset[-1] + grid[-1, 0] * grid[-1, 1]),), _INT64_MAX, dtype=torch.int64, device=device
+    )
     far = torch.full_like(near, _INT64_MIN)
-    end = torch.cumsum(count, 0)
-    begin = end - count
+    stop_at = torch.cumsum(count, 0)
+    begin = stop_at - count
     first_row = 0
     while first_row < len(count):
         base = int(begin[first_row])
-        stop = max(int(torch.searchsorted(end, base + _CHUNK, right=True)), first_row + 1)
+        stop = max(int(torch.searchsorted(stop_at, base + _CHUNK, right=True)), first_row + 1)
         row = torch.repeat_interleave(torch.arange(first_row, stop, device=device), count[first_row:stop])
         local = torch.arange(base, base + len(row), device=device) - begin.index_select(0, row)
         q = depth0.index_select(0, row) + depth_slope.index_select(0, row) * local.to(depth0.dtype)
-        key = _sortable(q) * (1 << 32) + row_face.index_select(0, row)
+        key = _sortable(q) * (1 << 32) + row_tri.index_select(0, row)
         flat = flat0.index_select(0, row) + local
         near.scatter_reduce_(0, flat, key, "amin")
         far.scatter_reduce_(0, flat, key, "amax")
         first_row = stop
     covered = torch.nonzero(near != _INT64_MAX).squeeze(1)
     near, far = near[covered], far[covered]
-    i, j = origin[0] + covered // grid[1], origin[1] + covered % grid[1]
-    near_face, far_face = face[near & 0xFFFFFFFF], face[far & 0xFFFFFFFF]
-    return i, j, near_face, _unsortable(near >> 32), far_face, _unsortable(far >> 32)
-
-
-def _chart_corners(corners: torch.Tensor, chart: int, texels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Corners on a chart, [V, 3] (u, v in texel units, depth q), and whether each may enter it."""
-    if chart < len(_CUBE):
-        axis, sign = _CUBE[chart]
-        t = sign * corners[:, axis]
-        allowed = t > _MIN_COSINE * corners.norm(dim=1)
-        t = torch.where(allowed, t, 1.0)
-        u, v = ((corners[:, k] / t + 1.0) * texels / 2 - 0.5 for k in _PLANE_AXES[axis])
-        return torch.stack([u, v, -1.0 / t], dim=1), allowed
-    axis = chart - len(_CUBE)
-    size = _PLANE_TEXELS * 2.0 / texels
-    u, v = (corners[:, k] / size - 0.5 for k in _PLANE_AXES[axis])
-    return torch.stack([u, v, corners[:, axis]], dim=1), torch.ones_like(u, dtype=torch.bool)
+    texel_chart = torch.searchsorted(offset, covered, right=True) - 1
+    local = covered - offset[texel_chart]
+    i = origin[texel_chart, 0] + local // grid[texel_chart, 1]
+    j = origin[texel_chart, 1] + local % grid[texel_chart, 1]
+    near_tri, far_tri = near & 0xFFFFFFFF, far & 0xFFFFFFFF
+    return texel_chart, i, j, near_tri, _unsortable(near >> 32), far_tri, _unsortable(far >> 32)
 
 
 def _slab_coordinate(
-    chart: int, i: torch.Tensor, j: torch.Tensor, q: torch.Tensor, texels: int
+    chart: torch.Tensor, i: torch.Tensor, j: torch.Tensor, q: torch.Tensor, texels: int
 ) -> torch.Tensor:
-    """What the slabs cut: the radius |p| on a cube face (t * |(u, v, 1)| with q = -1 / t), else the depth."""
-    if chart >= len(_CUBE):
-        return q
+    """What the slabs cut: the radius |p| on a cube face (t |(u, v, 1)| with q = -1 / t), else the depth."""
     u, v = ((k + 0.5) * 2.0 / texels - 1.0 for k in (i, j))
-    return -torch.sqrt(1.0 + u * u + v * v) / q
+    return torch.where(chart < len(_CUBE), -torch.sqrt(1.0 + u * u + v * v) / q, q)
 
 
 @dataclass
@@ -353,22 +368,25 @@ def surface_footprints(
     charts use texels of `_PLANE_TEXELS` times that in world units.
     """
     corners, faces, face_ok = latent_corner_mesh(points, opacity, latent_hw, opacity_threshold)
-    ids = torch.nonzero(face_ok).squeeze(1)
     texels = max(1, round(2.0 / texel_size))
-    pixels, cells = [], []
-    for chart in range(len(_CUBE) + len(_PLANE_AXES)):
-        uvq, allowed = _chart_corners(corners, chart, texels)
-        chart_faces = ids[allowed[faces[ids]].all(dim=1)]
-        limit = texels if chart < len(_CUBE) else None
-        i, j, near_face, near_q, far_face, far_q = _chart_owners(uvq, faces[chart_faces], limit)
-        jitter, _ = _uniform_pair(hash64(pack_cells(chart, i, j, torch.zeros_like(i)) ^ _JITTER_SALT))
-        near_slab = torch.floor(_slab_coordinate(chart, i, j, near_q, texels) / slab + jitter).long()
-        far_slab = torch.floor(_slab_coordinate(chart, i, j, far_q, texels) / slab + jitter).long()
-        extra = (far_face != near_face) & (far_slab != near_slab)
-        pixels += [chart_faces[near_face] // 2, chart_faces[far_face[extra]] // 2]
-        cells += [pack_cells(chart, i, j, near_slab), pack_cells(chart, i[extra], j[extra], far_slab[extra])]
-    foreground = face_ok.reshape(*latent_hw, 2).any(dim=-1)
-    return Footprints(torch.cat(pixels), torch.cat(cells), foreground)
+    uvq, allowed = chart_corners(corners, texels)
+    faces = faces[face_ok]
+    owner = torch.nonzero(face_ok).squeeze(1) // 2  # the latent pixel of each foreground face
+    chart, face = torch.nonzero(allowed[:, faces].all(dim=-1), as_tuple=True)
+    tri = uvq[chart[:, None], faces[face]]  # [T, 3, 3]
+    chart_of, i, j, near, near_q, far, far_q = rasterize_owners(tri, chart, texels)
+    jitter, _ = _uniform_pair(hash64(pack_cells(chart_of, i, j, torch.zeros_like(i)) ^ _JITTER_SALT))
+    near_slab = torch.floor(_slab_coordinate(chart_of, i, j, near_q, texels) / slab + jitter).long()
+    far_slab = torch.floor(_slab_coordinate(chart_of, i, j, far_q, texels) / slab + jitter).long()
+    extra = (far != near) & (far_slab != near_slab)
+    pixel = owner[face[torch.cat([near, far[extra]])]]
+    cells = torch.cat(
+        [
+            pack_cells(chart_of, i, j, near_slab),
+            pack_cells(chart_of[extra], i[extra], j[extra], far_slab[extra]),
+        ]
+    )
+    return Footprints(pixel, cells, face_ok.reshape(*latent_hw, 2).any(dim=-1))
 
 
 class ConsistentNoise(NoiseProvider):
@@ -432,10 +450,14 @@ class ConsistentNoise(NoiseProvider):
         return torch.stack(sums), torch.stack(counts)
 
     def sample(self, query: NoiseQuery) -> torch.Tensor:
+        return self.sample_with_counts(query)[0]
+
+    def sample_with_counts(self, query: NoiseQuery) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise [B, C, h, w] and each latent pixel's cell count [B, h, w] (0: background noise)."""
         sums, counts = self.integrate(query)
         covered = (counts > 0)[:, None]
-        noise = sums / counts.clamp_min(1).to(torch.float32)[:, None]
-        return torch.where(covered, noise, self._background(query))
+        noise = sums / counts.clamp_min(1).to(torch.float32).sqrt()[:, None]
+        return torch.where(covered, noise, self._background(query)), counts
 
     def reinject(self, gamma: float) -> None:
         self.texture.reinject(gamma)

@@ -36,8 +36,16 @@ class Comparison:
     ddim_images: torch.Tensor  # decoded DDIM results
 
 
-def compare(prior, prompt: str, batch: int, steps: int, guidance_scale: float, seed: int,
-            dtype: torch.dtype, cfg_form: CFGForm = CFGForm.UNCOND) -> Comparison:
+def compare(
+    prior,
+    prompt: str,
+    batch: int,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    dtype: torch.dtype,
+    cfg_form: CFGForm = CFGForm.UNCOND,
+) -> Comparison:
     """Run both samplers from the same noise and measure how far apart they ever get."""
     embeddings = prior.encode_prompt(prompt)
     cond, uncond = embeddings.cond.expand(batch, -1, -1), embeddings.uncond
@@ -50,8 +58,19 @@ def compare(prior, prompt: str, batch: int, steps: int, guidance_scale: float, s
     x_T = schedule.sigma(timesteps[0]) * eps_tilde
     ddim_x0, ddim_trajectory = ddim_reference(prior, cond, uncond, x_T, steps, guidance_scale, CFGForm.UNCOND)
 
-    flow = clean_flow_2d(prior, cond, uncond, FixedNoise(seed, prior.device), timesteps, shape, guidance_scale,
-                         cfg_form, optimizer="sgd", dtype=dtype, device=prior.device)
+    flow = clean_flow_2d(
+        prior,
+        cond,
+        uncond,
+        FixedNoise(seed, prior.device),
+        timesteps,
+        shape,
+        guidance_scale,
+        cfg_form,
+        optimizer="sgd",
+        dtype=dtype,
+        device=prior.device,
+    )
     diffs = [(a - b).abs().max().item() for a, b in zip(flow.trajectory, ddim_trajectory, strict=True)]
     # DDIM ends at abar_final (1, or abar_0 for SD's set_alpha_to_one=False): compare at that level too.
     final = schedule.alpha(-1) * flow.images + schedule.sigma(-1) * eps_tilde
@@ -69,10 +88,13 @@ def analytic_prior(device: torch.device | str = "cpu"):
     from server.shapes.primitives import COLOURS, SHAPES, caption
 
     data = build_dataset(24, 32, seed=5)
-    captions = [caption(list(COLOURS)[c], SHAPES[s]) for s, c in zip(data.shape_ids, data.colour_ids, strict=True)]
+    captions = [
+        caption(list(COLOURS)[c], SHAPES[s]) for s, c in zip(data.shape_ids, data.colour_ids, strict=True)
+    ]
     images = torch.from_numpy(data.images).to(torch.float64) / 255.0
-    return EmpiricalPrior(images, captions, sd_scheduler().config, device, dtype=torch.float64,
-                          name="analytic"), captions[0]
+    return EmpiricalPrior(
+        images, captions, sd_scheduler().config, device, dtype=torch.float64, name="analytic"
+    ), captions[0]
 
 
 def tiny_unet_prior(folder: Path, device: torch.device | str = "cpu"):
@@ -90,8 +112,17 @@ def run(steps: int = 25, guidance_scale: float = 4.0, seed: int = 0) -> list[Com
     prior, prompt = analytic_prior()
     results = [compare(prior, prompt, 4, steps, guidance_scale, seed, torch.float64)]
     with tempfile.TemporaryDirectory() as tmp:
-        results.append(compare(tiny_unet_prior(Path(tmp) / "tiny-sd"), "a red cube", 2, steps, guidance_scale,
-                               seed, torch.float32))
+        results.append(
+            compare(
+                tiny_unet_prior(Path(tmp) / "tiny-sd"),
+                "a red cube",
+                2,
+                steps,
+                guidance_scale,
+                seed,
+                torch.float32,
+            )
+        )
     return results
 
 
@@ -99,7 +130,9 @@ def save_png(results: list[Comparison], path: Path) -> None:
     """One row per prior: clean-flow results, then DDIM results, upscaled for viewing."""
     rows = []
     for result in results:
-        row = torch.cat([*result.flow_images, torch.ones_like(result.flow_images[0][:, :2]), *result.ddim_images], 1)
+        row = torch.cat(
+            [*result.flow_images, torch.ones_like(result.flow_images[0][:, :2]), *result.ddim_images], 1
+        )
         image = Image.fromarray((row.clamp(0, 1).numpy() * 255).astype(np.uint8))
         rows.append(image.resize((image.width * 128 // image.height, 128), Image.NEAREST))
     canvas = Image.new("RGB", (max(r.width for r in rows), 128 * len(rows) + 8 * (len(rows) - 1)), "white")

@@ -48,8 +48,9 @@ class NonFiniteGradientError(RuntimeError):
     """The prior's prediction was NaN or infinite everywhere: the step cannot be taken."""
 
 
-def classifier_free_guidance(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float,
-                             form: CFGForm) -> torch.Tensor:
+def classifier_free_guidance(
+    eps_cond: torch.Tensor, eps_uncond: torch.Tensor, scale: float, form: CFGForm
+) -> torch.Tensor:
     if form == CFGForm.UNCOND:
         return eps_uncond + scale * (eps_cond - eps_uncond)
     if form == CFGForm.COND:
@@ -74,10 +75,19 @@ class DistillationStep:
     nonfinite: int  # how many gradient entries were NaN/inf and zeroed
 
 
-def distillation_step(prior, latents: torch.Tensor, noise: torch.Tensor, t: int, cond: torch.Tensor,
-                      uncond: torch.Tensor, schedule: NoiseSchedule, guidance_scale: float,
-                      cfg_form: CFGForm, weighting: Weighting = Weighting.ONE,
-                      step_weight: float = 1.0) -> DistillationStep:
+def distillation_step(
+    prior,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    t: int,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    schedule: NoiseSchedule,
+    guidance_scale: float,
+    cfg_form: CFGForm,
+    weighting: Weighting = Weighting.ONE,
+    step_weight: float = 1.0,
+) -> DistillationStep:
     """The flow gradient on `latents` [B, C, h, w] with noise eps_tilde = `noise` at timestep t.
 
     `step_weight` multiplies w(t): the 2-D clean flow passes the DDIM step size through the

@@ -48,21 +48,18 @@ def _case_table() -> tuple[np.ndarray, np.ndarray]:
     table = np.full((16, 6), -1, dtype=np.int64)
     counts = np.zeros(16, dtype=np.int64)
     for case in range(16):
-        is_outside = [(case >> corner) & 1 for corner in range(4)]
+        is_outside = np.array([(case >> corner) & 1 for corner in range(4)], dtype=bool)
         crossing = [e for e, (a, b) in enumerate(TET_EDGE_CORNERS) if is_outside[a] != is_outside[b]]
         if not crossing:
             continue
         # Walk the crossing edges in cyclic order: consecutive ones share a corner (and a tet face).
         polygon = [crossing.pop(0)]
         while crossing:
-            shared = next(
-                e for e in crossing if set(TET_EDGE_CORNERS[e]) & set(TET_EDGE_CORNERS[polygon[-1]])
-            )
+            previous = set(TET_EDGE_CORNERS[polygon[-1]])
+            shared = next(e for e in crossing if previous & set(TET_EDGE_CORNERS[e]))
             crossing.remove(shared)
             polygon.append(shared)
-        outward = corners[np.array(is_outside) == 1].mean(axis=0) - corners[np.array(is_outside) == 0].mean(
-            axis=0
-        )
+        outward = corners[is_outside].mean(axis=0) - corners[~is_outside].mean(axis=0)
         triangles = (
             [polygon[0:3]] if len(polygon) == 3 else [polygon[0:3], [polygon[0], polygon[2], polygon[3]]]
         )
@@ -91,6 +88,8 @@ def marching_tetrahedra(
 
     `edges` [E, 2] / `tet_edges` [M, 6] are the grid's unique-edge table, `case_table` / `case_triangles`
     are CASE_TABLE / CASE_TRIANGLES on the grid's device. Differentiable w.r.t. positions and sdf.
+    `tets` and `edges` work in any memory layout; column-major (as `DMTet` stores them) is fastest.
+    The returned mesh's `source_edges` names the grid edge of each vertex.
     """
     outside = sdf > 0  # sdf == 0 counts as inside, so a crossing edge never has equal endpoint values
     crossing_ids = torch.nonzero(outside[edges[:, 0]] != outside[edges[:, 1]])[:, 0]
@@ -123,7 +122,10 @@ def fit_into_box(vertices: np.ndarray, radius: float, fill: float = 0.8) -> np.n
 
 
 class DMTet(nn.Module):
-    """Per-vertex SDF + tanh-bounded deformation on a `TetGrid`; calling it extracts the surface mesh."""
+    """Per-vertex SDF + tanh-bounded deformation on a `TetGrid`; calling it extracts the surface mesh.
+
+    The `init_*` methods write an SDF (negative inside) and reset the deformation to zero.
+    """
 
     def __init__(
         self,
@@ -227,11 +229,12 @@ class DMTet(nn.Module):
         """Delete mesh components with fewer than min_fraction x the largest one's faces, on the SDF grid.
 
         Floaters appear when Adam's momentum keeps moving SDF entries that no longer touch the surface,
-        and sub-pixel islands get too little image gradient to vanish (research/geometry.md 7.1). A
-        small solid island is removed by setting its whole inside region (grid vertices with sdf <= 0
-        connected through grid edges, bordered only by island surfaces) to +value; a small cavity by
-        setting its outside region to -value. Returns the changed vertex ids; with `optimizer`, their
-        per-entry state for `sdf` (Adam moments, momentum buffers) is zeroed as well.
+        and sub-pixel islands get too little image gradient to vanish again; a periodic cleanup (every
+        few dozen steps) removes them, which the sign-change regulariser alone does not. A small solid
+        island goes by setting its whole inside region (grid vertices with sdf <= 0 connected through
+        grid edges and bordered only by island surfaces) to +value, a small cavity by setting its
+        outside region to -value; value defaults to half a cell. Returns the changed vertex ids; with
+        `optimizer`, their per-entry state for `sdf` (Adam moments, momentum buffers) is zeroed too.
         """
         mesh = self()
         faces = mesh.faces.cpu().numpy()
@@ -282,7 +285,7 @@ class DMTet(nn.Module):
 def _connected_components(num_nodes: int, pairs: np.ndarray) -> np.ndarray:
     """Component label per node of the undirected graph with edge list `pairs` [K, 2]."""
     graph = scipy.sparse.coo_matrix(
-        (np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(num_nodes, num_nodes)
+        (np.ones(len(pairs), dtype=bool), (pairs[:, 0], pairs[:, 1])), shape=(num_nodes, num_nodes)
     )
     return scipy.sparse.csgraph.connected_components(graph, directed=False)[1]
 

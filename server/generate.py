@@ -11,7 +11,6 @@ preview PNG and job.json, atomically, into its own folder of the output director
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -36,17 +35,37 @@ from server.dmtet import DMTet
 from server.job import Cancelled, JobSpec
 from server.noise import FreshNoise, NoiseProvider, NoiseQuery
 from server.priors import Prior, load_prior
-from server.regularizers import normal_consistency, sdf_sign_change
+from server.regularizers import laplacian_smoothness, normal_consistency, sdf_sign_change
 from server.render import render_mesh
 from server.schedule import AnnealedTimesteps, NoiseSchedule, RandomTimesteps
-from server.shading import BACKGROUND
 from server.tetgrid import kuhn_grid
 from server.texture_field import TextureField
 
 # Fraction of the steps after which the geometry is frozen and only the colour keeps moving: the
 # baked texture then belongs to exactly the mesh the user watched settle.
-GEOMETRY_FRACTION = 0.75
-ISLAND_CLEANUP_EVERY = 25
+
+
+@dataclass(frozen=True)
+class Optimisation:
+    """The loop's internal settings (not job fields), tuned on CPU demos against the shapes prior.
+
+    The flow loss is summed over latent pixels, so the regulariser weights are relative to a
+    gradient of about one unit per latent pixel and view.
+    """
+
+    geometry_fraction: float = 0.75  # then the geometry freezes and only the colour keeps moving
+    sdf_lr: float = 5e-3
+    deformation_lr: float = 5e-3
+    texture_lr: float = 1e-2
+    weighting: Weighting = Weighting.ONE
+    normal_weight: float = 1000.0
+    laplacian_weight: float = 1000.0
+    sign_weight_start: float = 0.2  # nvdiffrec's anti-floater term, annealed to sign_weight_end
+    sign_weight_end: float = 0.01
+    island_cleanup_every: int = 25
+
+
+OPTIMISATION = Optimisation()
 TARGET_FACES = 10000  # decimate before UV unwrapping: xatlas takes ~10 s at 15k faces on a CPU
 PREVIEW_VIEWS = ((15.0, -45.0), (15.0, 45.0), (15.0, 135.0), (60.0, -135.0))
 
@@ -196,6 +215,7 @@ def run_job(
     from server.export import bake_and_export
 
     start = time.perf_counter()
+    opt = OPTIMISATION
     device = resolve_device(spec.device)
     prior = cached_prior(spec.prior, device, resolve_dtype(spec.precision, device))
     if spec.render_size % prior.latent_size:
@@ -219,8 +239,9 @@ def run_job(
     geometry_params = [geometry.sdf, geometry.deformation]
     optimizer = torch.optim.Adam(
         [
-            {"params": geometry_params, "lr": 5e-3},
-            {"params": list(texture.parameters()), "lr": 1e-2},
+            {"params": [geometry.sdf], "lr": opt.sdf_lr},
+            {"params": [geometry.deformation], "lr": opt.deformation_lr},
+            {"params": list(texture.parameters()), "lr": opt.texture_lr},
         ],
         betas=(0.9, 0.99),
         eps=1e-15,
@@ -238,7 +259,7 @@ def run_job(
     )
     cameras = CameraSource(spec, rng)
     latent_hw = (prior.latent_size, prior.latent_size)
-    geometry_steps = int(GEOMETRY_FRACTION * spec.steps)
+    geometry_steps = int(opt.geometry_fraction * spec.steps)
 
     for step in range(spec.steps):
         if should_cancel():
@@ -280,12 +301,14 @@ def run_job(
             schedule,
             spec.guidance_scale,
             CFGForm(spec.cfg_form),
-            Weighting.LAMBDA,
+            opt.weighting,
         )
         loss = flow.loss / spec.batch_size
         if shaping:
-            sign_weight = 0.2 * max(0.0, 1.0 - step / (0.5 * spec.steps)) + 0.01
-            loss = loss + 0.1 * normal_consistency(mesh)
+            anneal = max(0.0, 1.0 - step / (0.5 * spec.steps))
+            sign_weight = opt.sign_weight_end + (opt.sign_weight_start - opt.sign_weight_end) * anneal
+            loss = loss + opt.normal_weight * normal_consistency(mesh)
+            loss = loss + opt.laplacian_weight * laplacian_smoothness(mesh)
             loss = loss + sign_weight * sdf_sign_change(geometry.sdf, geometry.edges)
         if not torch.isfinite(loss):
             raise NonFiniteGradientError(f"the loss became {loss.item()} at step {step}")
@@ -293,7 +316,7 @@ def run_job(
         loss.backward()
         optimizer.step()
         noise.reinject(spec.gamma)
-        if shaping and step % ISLAND_CLEANUP_EVERY == ISLAND_CLEANUP_EVERY - 1:
+        if shaping and step % opt.island_cleanup_every == opt.island_cleanup_every - 1:
             geometry.remove_small_islands(optimizer=optimizer)
 
         elapsed = time.perf_counter() - start
@@ -341,8 +364,13 @@ def write_asset(
     staging.mkdir()
     try:
         exported = bake_and_export(
-            vertices.numpy(), faces.numpy(), color_fn, staging, texture_size=spec.texture_size,
-            target_faces=TARGET_FACES, name=slug(spec.prompt),
+            vertices.numpy(),
+            faces.numpy(),
+            color_fn,
+            staging,
+            texture_size=spec.texture_size,
+            target_faces=TARGET_FACES,
+            name=slug(spec.prompt),
         )
         texture_png = Path(exported["png"])
         with Image.open(texture_png) as image:

@@ -47,9 +47,8 @@ def lattice_signed_distance(vertices: np.ndarray, faces: np.ndarray, n: int, rad
 
 def lattice_inside(vertices: np.ndarray, faces: np.ndarray, n: int, radius: float) -> np.ndarray:
     """Whether each lattice point is inside: at least 4 of its 6 axis rays see a nonzero winding number."""
-    cells = (np.asarray(vertices, dtype=np.float64) + radius) * (
-        n / (2.0 * radius)
-    )  # point (i,j,k) at (i,j,k)
+    # lattice coordinates: lattice point (i, j, k) sits at (i, j, k)
+    cells = (np.asarray(vertices, dtype=np.float64) + radius) * (n / (2.0 * radius))
     if np.abs(cells).max(initial=0.0) > _MAX_CELLS:
         raise ValueError("the mesh reaches too far outside the grid box; fit it into the box first")
     fixed = np.round(cells * _SUBCELL).astype(np.int64)

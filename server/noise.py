@@ -87,7 +87,9 @@ class FixedNoise(NoiseProvider):
             if i not in self.noise:
                 self.noise[i] = self._randn(shape)
             elif self.noise[i].shape != shape:
-                raise ValueError(f"view {i} was first asked for noise of shape {tuple(self.noise[i].shape)}, now {shape}")
+                raise ValueError(
+                    f"view {i} was first asked for noise of shape {tuple(self.noise[i].shape)}, now {shape}"
+                )
         return torch.stack([self.noise[i] for i in ids])
 
     def reinject(self, gamma: float) -> None:

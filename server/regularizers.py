@@ -48,7 +48,7 @@ def normal_consistency(mesh: TriangleMesh, edges: torch.Tensor | None = None) ->
 
 
 def laplacian_smoothness(mesh: TriangleMesh, edges: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean norm of (mean of the neighbours - vertex), the uniform Laplacian; 0 inside a regular planar grid."""
+    """Mean norm of (neighbour mean - vertex), the uniform Laplacian; 0 inside a regular planar grid."""
     if len(mesh.faces) == 0:
         return mesh.vertices.sum() * 0.0
     edges = mesh_edges(mesh.faces, len(mesh.vertices)) if edges is None else edges

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -62,15 +63,15 @@ class AnnealedTimesteps:
         ts = [t for _, t in self.knots]
         if len(self.knots) < 2 or fractions[0] != 0.0 or fractions[-1] != 1.0:
             raise ValueError(f"timestep knots must start at fraction 0 and end at 1, got {self.knots}")
-        if any(b <= a for a, b in zip(fractions, fractions[1:], strict=False)):
+        if any(b <= a for a, b in pairwise(fractions)):
             raise ValueError(f"timestep knot fractions must increase strictly, got {fractions}")
-        if any(b > a for a, b in zip(ts, ts[1:], strict=False)):
+        if any(b > a for a, b in pairwise(ts)):
             raise ValueError(f"timestep knot t values must not increase, got {ts}")
 
     def __call__(self, step: int, total_steps: int, generator: torch.Generator | None = None) -> int:
         fraction = step / max(total_steps - 1, 1)
         fractions, ts = zip(*self.knots, strict=True)
-        return int(round(float(np.interp(fraction, fractions, ts))))
+        return round(float(np.interp(fraction, fractions, ts)))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ so the index arrays are cached as .npz files keyed by n; vertices are recomputed
 from __future__ import annotations
 
 import itertools
-import os
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ import numpy as np
 TET_EDGE_CORNERS = np.array([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]], dtype=np.int64)
 
 _CACHE_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,8 @@ class TetGrid:
 
 
 def default_cache_dir() -> Path:
-    """Where grids are cached: $BLENDER_CFD_CACHE/tets, else ~/.cache/blender-cfd/tets."""
-    root = os.environ.get("BLENDER_CFD_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "blender-cfd"
-    return base / "tets"
+    """Where grids are cached unless `kuhn_grid` is given another folder."""
+    return Path.home() / ".cache" / "blender-cfd" / "tets"
 
 
 def kuhn_grid(
@@ -76,7 +75,10 @@ def kuhn_grid(
     if topology is None:
         topology = _build_topology(n)
         if use_cache:
-            _save(path, n, topology)
+            try:
+                _save(path, n, topology)
+            except OSError as error:  # the cache only saves time: an unwritable folder must not stop a run
+                log.warning("could not cache the tet grid at %s: %s", path, error)
     tets, edges, tet_edges = topology
     return TetGrid(n=n, radius=float(radius), vertices=vertices, tets=tets, edges=edges, tet_edges=tet_edges)
 

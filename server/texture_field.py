@@ -6,7 +6,8 @@ and CUDA alike (threestudio's tinycudann hash grid has no CPU path). Two encodin
 - "triplane" (default on CPU): xy, xz and yz feature planes at 32^2 and 128^2 with 8 channels,
   sampled bilinearly with `F.grid_sample`. On one contended CPU thread, forward + backward for 10k
   points took ~10 ms against ~20-35 ms for dense 16^3..64^3 volumes (3-D grid_sample's scattered
-  backward is cache-bound) and ~0.8 s for the hash grid. The coarse level moves large regions together.
+  backward is cache-bound) and ~0.5-0.8 s for the hash grid. The coarse level moves large regions
+  together.
 - "hash" (default on CUDA): instant-NGP's multi-resolution hash grid (16 levels x 2 features,
   2^19 entries per level, resolutions 16 .. 2048), for finer detail when gather cost is no issue.
 

@@ -17,6 +17,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +55,7 @@ def start_server(token: str) -> tuple[subprocess.Popen, str]:
     server = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     for line in server.stderr:
         if line.startswith("{") and "listening" in line:
+            threading.Thread(target=server.stderr.read, daemon=True).start()  # keep its log from blocking it
             return server, json.loads(line)["listening"]
     raise RuntimeError("the server did not announce its address")
 

@@ -67,17 +67,20 @@ def steps():
     window, area = view3d()
     space = area.spaces.active
     space.show_region_ui = True
-    space.shading.color_type = "ATTRIBUTE"  # solid mode shows the streamed vertex colours
-    bpy.data.objects.remove(bpy.data.objects["Cube"])
-    space.region_3d.view_distance = 9.0
+    space.shading.color_type = "VERTEX"  # solid mode shows the streamed vertex colours
+    space.region_3d.view_distance = 7.0
+    space.region_3d.view_location = (-1.0, 0.0, 0.0)
     scene = bpy.context.scene
     scene.cursor.location = (-2.5, 0.0, 0.0)
     yield 1.0
     ui = next(r for r in area.regions if r.type == "UI")
     log(f"window {window.width}x{window.height}, sidebar x={ui.x} y={ui.y} {ui.width}x{ui.height}")
-    x, y = CONFIG["tab"]  # screen pixels of the CFD tab (X origin top-left)
+    x, y = CONFIG["tab"]  # screen pixels of the CFD tab (origin top-left), with the Item tab present
     xdotool("mousemove", str(x), str(y), "click", "1")
     yield 1.0
+    bpy.data.objects.remove(bpy.data.objects["Cube"])
+    run_operator("add_camera_rig")
+    yield 1.5
     shot("1_idle")
 
     settings = scene.cfd
@@ -95,7 +98,18 @@ def steps():
     yield lambda: not controller().busy
     yield 0.5
     shot("4_rerolled")
+    variants = sorted(o.name for o in bpy.data.objects if "cfd_job" in o)
+    window, area = view3d()
+    with bpy.context.temp_override(window=window, area=area):
+        bpy.ops.ed.undo()
+    yield 0.5
+    after_undo = sorted(o.name for o in bpy.data.objects if "cfd_job" in o)
+    log(f"variants {variants}; after one undo {after_undo}")
+    with bpy.context.temp_override(window=window, area=area):
+        bpy.ops.ed.redo()
+    yield 0.5
 
+    settings = bpy.context.scene.cfd  # undo and redo reallocated the scene: fetch it again
     settings.prompt = "a heavy statue [oom]"
     run_operator("generate")
     yield lambda: not controller().busy

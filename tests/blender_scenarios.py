@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -74,6 +76,23 @@ def draw_panels() -> list:
     panel = sys.modules[f"{MODULE}.blender_cfd.panel"]
     for cls in (panel.CFD_PT_generate, panel.CFD_PT_variants):
         cls.draw(SimpleNamespace(layout=RecordingLayout(log)), bpy.context)
+    return log
+
+
+class WithLayout:
+    """A registered struct (the add-on preferences) seen through a recording layout, for its draw()."""
+
+    def __init__(self, struct, log: list):
+        self.struct = struct
+        self.layout = RecordingLayout(log)
+
+    def __getattr__(self, name):
+        return getattr(self.struct, name)
+
+
+def draw_preferences(prefs) -> list:
+    log: list = []
+    type(prefs).draw(WithLayout(prefs, log), bpy.context)
     return log
 
 
@@ -209,6 +228,7 @@ def variants(zip_path: str, out: Path) -> dict:
     render = out / "variants.png"
     render_variants([first, second, third], render)
 
+    assert "torch" not in sys.modules, "Blender's process must never import torch"
     last = third.name
     before = {obj.name for obj in bpy.data.objects}
     bpy.ops.ed.undo()
@@ -352,6 +372,19 @@ def environment(zip_path: str, out: Path) -> dict:
     assert report.python_version == ".".join(map(str, sys.version_info[:3]))
     assert report.torch.startswith("2.") and report.device == "cpu", report
     good = operators.environment_state().lines()
+    drawn = draw_preferences(prefs)
+    assert shown(drawn, "operator", idname="cfd.check_environment")
+    assert shown(drawn, "operator", idname="cfd.setup_environment")
+    assert "torch 2." in labels(drawn) and "Allow Online Access" in labels(drawn), labels(drawn)
+    assert {
+        "python_path",
+        "prior",
+        "device",
+        "precision",
+        "output_dir",
+        "remote_address",
+        "remote_token",
+    } <= {d["name"] for d in shown(drawn, "prop")}
 
     prefs.python_path = str(out / "missing" / "python")
     assert "not found" in reported_error(bpy.ops.cfd.check_environment)
@@ -362,10 +395,99 @@ def environment(zip_path: str, out: Path) -> dict:
     assert "online access" in reported_error(bpy.ops.cfd.setup_environment)
     assert "Online Access" in operators.environment_state().lines()[0]
     assert not Path(bpy.utils.extension_path_user(MODULE, path="venv")).exists(), "nothing may be installed"
-    return {"check_lines": good}
+    return {"check_lines": good, "preferences": labels(drawn)}
 
 
-SCENARIOS = {f.__name__: f for f in (variants, interruptions, pump_timing, environment)}
+def inputs(zip_path: str, out: Path) -> dict:
+    """The orbit rig, the scene's selected cameras and a starting mesh reach the server as valid jobs."""
+    ctl_module, _ = install(zip_path, out)
+    ctl = ctl_module.get()
+    scene = bpy.context.scene
+    scene.cursor.location = (0.0, 3.0, 0.0)
+    assert bpy.ops.cfd.add_camera_rig() == {"FINISHED"}
+    rig = scene.cfd.camera_rig
+    assert rig is not None and rig.display_type == "WIRE" and rig.hide_render
+    edges = len(rig.data.edges)
+    rig.cfd_rig.elevation_max = np.radians(60.0)
+    rig.cfd_rig.radius_max = 3.0
+    radius = np.linalg.norm(vertices_of(rig), axis=1)
+    assert len(rig.data.edges) == edges and abs(radius.max() - 3.0) < 1e-5, "the gizmo follows its ranges"
+    set_panel("a ringed planet", 21)
+    assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}, ctl.error
+    orbit = json.loads(bpy.data.objects[ctl.last_variant]["cfd_job"])["orbit"]
+    assert orbit["elevation_deg"] == [-10.0, 60.0] and orbit["radius"] == [2.2, 3.0], orbit
+
+    camera = bpy.data.objects["Camera"]
+    bpy.context.view_layer.objects.active = camera
+    for obj in scene.objects:
+        obj.select_set(obj in (camera, bpy.data.objects["Cube"]))
+    scene.cfd.camera_source = "SELECTED"
+    scene.cfd.init_shape = "MESH"
+    scene.cfd.init_object = bpy.data.objects["Cube"]
+    drawn = draw_panels()
+    assert "1 selected camera" in labels(drawn) and shown(drawn, "prop", name="init_object"), labels(drawn)
+    set_panel("a camera-shy cube", 22)
+    assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}, ctl.error
+    job = json.loads(bpy.data.objects[ctl.last_variant]["cfd_job"])
+    assert "orbit" not in job and job["init_shape"] == "mesh" and len(job["cameras"]) == 1
+    c2w = np.array(job["cameras"][0]["c2w"])
+    expected = np.array(camera.matrix_world)[:3, 3] - (0.0, 3.0, 0.0)
+    np.testing.assert_allclose(c2w[:3, 3], expected, atol=1e-5)
+    assert job["cameras"][0]["fovy_deg"] == np.degrees(camera.data.angle_y)
+    camera.select_set(False)
+    assert "Select at least one camera" in reported_error(bpy.ops.cfd.generate)
+    return {"orbit": orbit, "camera_c2w": c2w.tolist()}
+
+
+def remote(zip_path: str, out: Path) -> dict:
+    """A server started elsewhere (`serve --listen`, loopback TCP): the token is checked, jobs work."""
+    _, prefs = install(zip_path, out)
+    ctl = sys.modules[f"{MODULE}.blender_cfd.controller"].get()
+    command = [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--token", "s3cret"]
+    command += [*SERVER_ARGS.split(), "--output-root", str(out / "remote_assets")]
+    server = subprocess.Popen(
+        command, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        address = next(json.loads(line)["listening"] for line in server.stderr if '"listening"' in line)
+        threading.Thread(target=server.stderr.read, daemon=True).start()  # keep its log from blocking it
+        prefs.remote_address, prefs.remote_token = address, "wrong"
+        set_panel("a remote teapot", 9)
+        assert "token" in reported_error(bpy.ops.cfd.generate, wait=True)
+        assert ctl.error.code == "unauthorized" and ctl.connection is None, ctl.error
+        prefs.remote_token = "s3cret"
+        assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}, ctl.error
+        variant = bpy.data.objects["a remote teapot (seed 9)"]
+        assert (
+            variant.active_material is not None
+            and ctl.server_info["device_name"] == "blender-cfd fake runner"
+        )
+        ctl.shutdown()
+        assert server.poll() is None, "leaving must not stop a server that others may use"
+    finally:
+        server.kill()
+        server.wait()
+    return {"address": address}
+
+
+def blender_crash(zip_path: str, out: Path) -> dict:
+    """Finish one asset, start another, then die like a crashing Blender (SIGKILL, no clean-up at all)."""
+    ctl_module, _ = install(zip_path, out)
+    ctl = ctl_module.get()
+    set_panel("a sturdy mug", 4)
+    assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}
+    finished = bpy.data.objects["a sturdy mug (seed 4)"]["cfd_output"]
+    set_panel("an unfinished mug [slow]", 5)
+    assert bpy.ops.cfd.generate() == {"FINISHED"}
+    pump_until(ctl, lambda: ctl.job is not None and ctl.job.preview_step > 0, what="a preview")
+    result = {"server_pid": ctl.connection.process.pid, "finished_asset": finished}
+    (out / "result.json").write_text(json.dumps(result))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+SCENARIOS = {
+    f.__name__: f for f in (variants, inputs, interruptions, pump_timing, environment, remote, blender_crash)
+}
 
 if __name__ == "__main__":
     name, zip_file, out_dir = sys.argv[1:4]

@@ -49,7 +49,7 @@ def extension_zip(tmp_path_factory) -> Path:
     return next(out.glob("blender_cfd-*.zip"))
 
 
-def run_scenario(name: str, extension_zip: Path, tmp_path: Path) -> dict:
+def run_scenario(name: str, extension_zip: Path, tmp_path: Path, returncode: int = 0) -> dict:
     env = dict(os.environ)
     env.update(
         BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"),
@@ -59,7 +59,7 @@ def run_scenario(name: str, extension_zip: Path, tmp_path: Path) -> dict:
     )
     command = [sys.executable, str(TESTS / "blender_scenarios.py"), name, str(extension_zip), str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
-    assert result.returncode == 0, (
+    assert result.returncode == returncode, (
         f"scenario {name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     )
     return json.loads((tmp_path / "result.json").read_text())
@@ -87,8 +87,9 @@ def test_manifest_validates_and_the_zip_carries_only_the_extension(extension_zip
         names
     )
     assert "server/client.py" in names and "server/serve.py" in names
-    weights = sorted((ROOT / "server" / "shapes" / "weights").glob("*"))
-    assert all(f"server/shapes/weights/{w.name}" in names for w in weights if w.is_file())
+    weights = (ROOT / "server" / "shapes" / "weights").rglob("*")
+    assert all(path.relative_to(ROOT).as_posix() in names for path in weights if path.is_file())
+    assert not [n for n in names if n.startswith(("server/bench/", "tests/", "bench/"))]
     assert not [
         n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/." in n or n.startswith(".")
     ]
@@ -268,10 +269,40 @@ def test_generate_streams_then_rerolls_and_regenerates_variants(extension_zip, t
 
 
 @needs_bpy
+def test_rig_selected_cameras_and_a_starting_mesh_make_valid_jobs(extension_zip, tmp_path):
+    result = run_scenario("inputs", extension_zip, tmp_path)
+    assert result["orbit"]["fovy_deg"] == [40.0, 40.0]
+
+
+@needs_bpy
 def test_cancel_delete_load_and_a_killed_server(extension_zip, tmp_path):
     result = run_scenario("interruptions", extension_zip, tmp_path)
     assert result["cancel_seconds"] < 5.0
     print(json.dumps(result, indent=2))
+
+
+@needs_bpy
+def test_a_remote_server_over_tcp_checks_the_token_and_runs_jobs(extension_zip, tmp_path):
+    assert run_scenario("remote", extension_zip, tmp_path)["address"].startswith("127.0.0.1:")
+
+
+@needs_bpy
+def test_a_crashing_blender_stops_the_server_and_keeps_finished_assets(extension_zip, tmp_path):
+    import signal
+    import time
+
+    result = run_scenario("blender_crash", extension_zip, tmp_path, returncode=-signal.SIGKILL)
+    deadline = time.monotonic() + 20.0
+    while time.monotonic() < deadline:
+        try:
+            os.kill(result["server_pid"], 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(result["server_pid"], signal.SIGKILL)
+        pytest.fail("the server outlived the Blender that started it")
+    assert (Path(result["finished_asset"]) / "asset.glb").is_file()
 
 
 @needs_bpy

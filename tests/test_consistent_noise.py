@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+from server.analytic_geometry import Box, Sphere, orbit_camera, render_query, rotation_z, surface_samples
 from server.bench.noise import correlation_at_corresponding_points, iid_statistics
 from server.cameras import OrbitRig
 from server.consistent_noise import ConsistentNoise, HashedWhiteNoise, hash64, splitmix64
 from server.noise import FixedNoise, FreshNoise, NoiseQuery
 from server.worldmap_noise import WorldMapNoise
-from tests.analytic_geometry import Box, Sphere, orbit_camera, render_query, rotation_z, surface_samples
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -43,14 +43,15 @@ def covered_latents(query: NoiseQuery) -> torch.Tensor:
 
 
 def pooled_cfd_noise(shape_names, cameras, seeds, size=128, latent=32):
+    """CFD noise of many views and seeds, [N, C, h, w], with the pixels that integrate cells [N, h, w]."""
     noises, masks = [], []
     for name in shape_names:
         query = render_query(SHAPES[name], cameras, size, latent)
         for seed in seeds:
-            sums, counts = ConsistentNoise(seed, CPU).integrate(query)
-            noises.append((sums, counts))
+            noise, counts = ConsistentNoise(seed, CPU).sample_with_counts(query)
+            noises.append(noise)
             masks.append(counts > 0)
-    return noises, torch.cat(masks)
+    return torch.cat(noises), torch.cat(masks)
 
 
 # --- the lattice noise itself ------------------------------------------------------------------------
@@ -107,9 +108,22 @@ def test_every_cell_has_one_owner_and_no_pixel_on_the_object_falls_back(name):
         assert counts[covered[v]].float().mean() > 40
 
 
+def test_a_plate_through_the_centre_falls_back_nowhere_though_its_radial_charts_are_degenerate():
+    plate = [Box(half_extents=(0.7, 0.6, 0.02), rotation=rotation_z(10.0))]
+    cameras = [orbit_camera(85.0, 10.0), orbit_camera(-30.0, 200.0, radius=1.9), orbit_camera(40.0, 70.0)]
+    query = render_query(plate, cameras, 256, 32)
+    provider = ConsistentNoise(0, CPU)
+    for v in range(len(cameras)):
+        foot = provider.footprints(query.points[v], query.opacity[v], query.latent_hw)
+        counts = torch.bincount(foot.pixel, minlength=32 * 32)[foot.foreground.ravel()]
+        radial = foot.pixel[(foot.cells & 15) < 6]  # the cube-map charts: the reference's kind
+        radial_counts = torch.bincount(radial, minlength=32 * 32)[foot.foreground.ravel()]
+        assert (radial_counts == 0).sum() > 0.1 * len(counts)  # direction charts alone would fall back here
+        assert torch.all(counts > 0)
+
+
 def test_within_a_view_foreground_noise_is_iid_standard_normal():
-    parts, masks = pooled_cfd_noise(SHAPES, rig_cameras(4, 2), range(3))
-    noise = torch.cat([sums / counts.clamp_min(1).sqrt()[:, None] for sums, counts in parts])
+    noise, masks = pooled_cfd_noise(SHAPES, rig_cameras(4, 2), range(3))
     result = iid_statistics(noise, masks)
     assert result["samples"] > 40_000
     assert result["ks_pvalue"] > 0.01
@@ -119,9 +133,18 @@ def test_within_a_view_foreground_noise_is_iid_standard_normal():
 
 
 def test_the_iid_test_rejects_averaged_and_bilinearly_resampled_noise():
-    parts, masks = pooled_cfd_noise(["sphere", "box"], rig_cameras(2, 2), range(2))
-    averaged = torch.cat([sums / counts.clamp_min(1)[:, None] for sums, counts in parts])
-    assert iid_statistics(averaged, masks)["ks_pvalue"] < 1e-6
+    sums, counts = [], []
+    for name in ("sphere", "box"):
+        query = render_query(SHAPES[name], rig_cameras(2, 2), 128, 32)
+        for seed in range(2):
+            total, count = ConsistentNoise(seed, CPU).integrate(query)
+            sums.append(total)
+            counts.append(count)
+    sums, counts = torch.cat(sums), torch.cat(counts)
+    averaged = sums / counts.clamp_min(1)[:, None]  # the mistake: the footprint's mean, as for colours
+    assert iid_statistics(averaged, counts > 0)["ks_pvalue"] < 1e-6
+    summed = sums / counts.clamp_min(1).sqrt()[:, None]  # the same footprints, summed / sqrt(count)
+    assert iid_statistics(summed, counts > 0)["ks_pvalue"] > 0.01
     resampled, fg = [], []
     for name in ("sphere", "box"):
         query = render_query(SHAPES[name], rig_cameras(2, 2), 128, 32)
@@ -169,7 +192,8 @@ def test_same_geometry_and_camera_give_identical_noise():
 def test_background_is_a_fixed_screen_noise_shared_by_views_or_fresh():
     query = render_query([SPHERE], rig_cameras(2, 5), 128, 32)
     fixed = ConsistentNoise(1, CPU, background="fixed")
-    first, covered = fixed.sample(query), fixed.integrate(query)[1] > 0
+    first, counts = fixed.sample_with_counts(query)
+    covered = counts > 0
     assert torch.equal(first, fixed.sample(query))
     both_bg = ~covered[0] & ~covered[1]
     assert torch.equal(first[0][:, both_bg], first[1][:, both_bg])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -10,14 +11,25 @@ import torch
 from diffusers import DDIMScheduler
 from scipy import stats
 
-from server.distill import CFGForm, NonFiniteGradientError, Weighting, classifier_free_guidance, distillation_step
+from server.distill import (
+    CFGForm,
+    NonFiniteGradientError,
+    Weighting,
+    classifier_free_guidance,
+    distillation_step,
+)
 from server.noise import FixedNoise, FreshNoise, NoiseQuery, mix_in_fresh
 from server.schedule import AnnealedTimesteps, NoiseSchedule, RandomTimesteps, lambda_steps
 
 
 def sd_schedule() -> NoiseSchedule:
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     return NoiseSchedule(scheduler.alphas_cumprod, float(scheduler.final_alpha_cumprod))
 
 
@@ -34,14 +46,20 @@ def test_annealing_follows_the_cfd_knots_monotonically():
     anneal = AnnealedTimesteps(((0.0, 980.0), (0.5, 596.0), (1.0, 404.0)))
     ts = [anneal(step, 1001) for step in range(1001)]
     assert ts[0] == 980 and ts[500] == 596 and ts[-1] == 404
-    assert all(b <= a for a, b in zip(ts, ts[1:], strict=False))
+    assert all(b <= a for a, b in pairwise(ts))
     # piecewise linear: constant slope within each segment
     assert ts[250] == pytest.approx((980 + 596) / 2, abs=1)
     assert ts[750] == pytest.approx((596 + 404) / 2, abs=1)
 
 
-@pytest.mark.parametrize("knots", [((0.0, 500.0), (1.0, 600.0)), ((0.0, 900.0), (0.5, 500.0)),
-                                   ((0.0, 900.0), (0.6, 500.0), (0.4, 300.0), (1.0, 200.0))])
+@pytest.mark.parametrize(
+    "knots",
+    [
+        ((0.0, 500.0), (1.0, 600.0)),
+        ((0.0, 900.0), (0.5, 500.0)),
+        ((0.0, 900.0), (0.6, 500.0), (0.4, 300.0), (1.0, 200.0)),
+    ],
+)
 def test_bad_knots_are_refused(knots):
     with pytest.raises(ValueError, match="knot"):
         AnnealedTimesteps(knots)
@@ -113,10 +131,14 @@ def test_nan_predictions_are_zeroed_and_counted_and_all_nan_is_an_error():
             return eps, eps
 
     z = torch.zeros(1, 3, 4, 4, requires_grad=True)
-    step = distillation_step(NaNPrior(0.25), z, torch.ones(1, 3, 4, 4), 300, None, None, schedule, 1.0, CFGForm.UNCOND)
+    step = distillation_step(
+        NaNPrior(0.25), z, torch.ones(1, 3, 4, 4), 300, None, None, schedule, 1.0, CFGForm.UNCOND
+    )
     assert step.nonfinite == 12 and torch.isfinite(step.grad).all()
     with pytest.raises(NonFiniteGradientError):
-        distillation_step(NaNPrior(1.0), z, torch.ones(1, 3, 4, 4), 300, None, None, schedule, 1.0, CFGForm.UNCOND)
+        distillation_step(
+            NaNPrior(1.0), z, torch.ones(1, 3, 4, 4), 300, None, None, schedule, 1.0, CFGForm.UNCOND
+        )
 
 
 def test_fixed_noise_is_fixed_per_view_and_fresh_noise_is_not():

@@ -38,8 +38,9 @@ def setup(prior, prompt, batch, dtype):
     schedule = NoiseSchedule.of(prior)
     query = NoiseQuery(latent_hw=shape[2:], channels=shape[1], view_ids=list(range(batch)))
     eps = FixedNoise(0, "cpu").sample(query).to(dtype)
-    ddim_x0, ddim_traj = ddim_reference(prior, emb.cond.expand(batch, -1, -1), emb.uncond,
-                                        schedule.sigma(timesteps[0]) * eps, STEPS, GUIDANCE)
+    _, ddim_traj = ddim_reference(
+        prior, emb.cond.expand(batch, -1, -1), emb.uncond, schedule.sigma(timesteps[0]) * eps, STEPS, GUIDANCE
+    )
     return emb, shape, timesteps, schedule, eps, ddim_traj
 
 
@@ -61,16 +62,29 @@ def test_clean_flow_retraces_ddim_at_every_step(which, analytic, tiny_unet):
 
 @pytest.mark.parametrize("which", ["analytic", "tiny_unet"])
 def test_resampling_the_noise_each_step_breaks_the_identity(which, analytic, tiny_unet):
-    prior, prompt, dtype = (*analytic, torch.float64) if which == "analytic" else (tiny_unet, "a red cube", torch.float32)
+    prior, prompt, dtype = (
+        (*analytic, torch.float64) if which == "analytic" else (tiny_unet, "a red cube", torch.float32)
+    )
     emb, shape, timesteps, _, _, ddim_traj = setup(prior, prompt, 2, dtype)
-    flow = clean_flow_2d(prior, emb.cond.expand(2, -1, -1), emb.uncond, FreshNoise(0, "cpu"), timesteps, shape,
-                         GUIDANCE, CFGForm.UNCOND, dtype=dtype)
+    flow = clean_flow_2d(
+        prior,
+        emb.cond.expand(2, -1, -1),
+        emb.uncond,
+        FreshNoise(0, "cpu"),
+        timesteps,
+        shape,
+        GUIDANCE,
+        CFGForm.UNCOND,
+        dtype=dtype,
+    )
     assert max_trajectory_gap(flow.trajectory, ddim_traj) > 0.1
 
 
 @pytest.mark.parametrize("which", ["analytic", "tiny_unet"])
 def test_the_other_cfg_form_breaks_the_identity(which, analytic, tiny_unet):
-    prior, prompt, dtype = (*analytic, torch.float64) if which == "analytic" else (tiny_unet, "a red cube", torch.float32)
+    prior, prompt, dtype = (
+        (*analytic, torch.float64) if which == "analytic" else (tiny_unet, "a red cube", torch.float32)
+    )
     result = compare(prior, prompt, 2, STEPS, GUIDANCE, seed=0, dtype=dtype, cfg_form=CFGForm.COND)
     assert result.max_abs_diff > 1e-2
 
@@ -78,19 +92,24 @@ def test_the_other_cfg_form_breaks_the_identity(which, analytic, tiny_unet):
 @pytest.mark.parametrize("which", ["analytic", "tiny_unet"])
 @pytest.mark.parametrize("wrong_step", ["lambda_t", "delta_t", "ten_percent_long"])
 def test_a_wrong_step_size_breaks_the_identity(which, wrong_step, analytic, tiny_unet):
-    prior, prompt, dtype = (*analytic, torch.float64) if which == "analytic" else (tiny_unet, "a red cube", torch.float32)
+    prior, prompt, dtype = (
+        (*analytic, torch.float64) if which == "analytic" else (tiny_unet, "a red cube", torch.float32)
+    )
     emb, shape, timesteps, schedule, eps, ddim_traj = setup(prior, prompt, 2, dtype)
     x = torch.zeros(shape, dtype=dtype, requires_grad=True)
     trajectory = []
     for t, t_prev in zip(timesteps, [*timesteps[1:], -1], strict=True):
         trajectory.append(schedule.alpha(t) * x.detach() + schedule.sigma(t) * eps)
-        size = {"lambda_t": schedule.lam(t), "delta_t": (t - max(t_prev, 0)) / 1000,
-                "ten_percent_long": 1.1 * (schedule.lam(t) - schedule.lam(t_prev))}[wrong_step]
-        step = distillation_step(prior, x, eps, t, emb.cond.expand(2, -1, -1), emb.uncond, schedule, GUIDANCE,
-                                 CFGForm.UNCOND)
+        size = {
+            "lambda_t": schedule.lam(t),
+            "delta_t": (t - max(t_prev, 0)) / 1000,
+            "ten_percent_long": 1.1 * (schedule.lam(t) - schedule.lam(t_prev)),
+        }[wrong_step]
+        step = distillation_step(
+            prior, x, eps, t, emb.cond.expand(2, -1, -1), emb.uncond, schedule, GUIDANCE, CFGForm.UNCOND
+        )
         x.grad = None
         step.loss.backward()
         with torch.no_grad():
             x -= size * x.grad
     assert max_trajectory_gap(trajectory, ddim_traj) > 1e-2
-

@@ -49,7 +49,9 @@ class Recorder:
 def run(tmp_path: Path, seed: int, **settings):
     from server.generate import run_job
 
-    spec = JobSpec.from_dict({"prompt": "a red cube", "seed": seed, "output_dir": str(tmp_path), **QUICK, **settings})
+    spec = JobSpec.from_dict(
+        {"prompt": "a red cube", "seed": seed, "output_dir": str(tmp_path), **QUICK, **settings}
+    )
     events = Recorder()
     return run_job(spec, None, events, lambda: False), events
 
@@ -63,7 +65,9 @@ def test_same_seed_same_asset_and_a_new_seed_a_new_one(tmp_path: Path):
     assert events.meshes, "previews were streamed"
     final_preview = events.meshes[-1][0]
     other_vertices = trimesh.load(other.glb, force="mesh").vertices
-    assert load(first).vertices.shape != other_vertices.shape or not np.allclose(load(first).vertices, other_vertices)
+    assert load(first).vertices.shape != other_vertices.shape or not np.allclose(
+        load(first).vertices, other_vertices
+    )
     assert final_preview.dtype == np.float32 and events.meshes[-1][2].dtype == np.uint8
 
 

@@ -26,6 +26,8 @@ import json
 import math
 import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,11 +37,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from server.cameras import Camera
-from server.consistent_noise import ConsistentNoise
-from server.noise import FixedNoise, NoiseProvider
-from server.worldmap_noise import WorldMapNoise
-from tests.analytic_geometry import (
+from server.analytic_geometry import (
     Box,
     Sphere,
     correspondence,
@@ -50,6 +48,10 @@ from tests.analytic_geometry import (
     surface_samples,
     visible,
 )
+from server.cameras import Camera
+from server.consistent_noise import ConsistentNoise
+from server.noise import FixedNoise, NoiseProvider
+from server.worldmap_noise import WorldMapNoise
 
 SPHERE = Sphere(radius=0.6)
 BOX = Box(half_extents=(0.5, 0.35, 0.45), rotation=rotation_z(25.0))
@@ -148,16 +150,31 @@ def ms_per_view(latent: int, device: torch.device, repeats: int) -> float:
 
 
 def peak_mb(device: torch.device) -> float:
-    """Extra memory at the peak of one 64x64 view from a 512^2 render, beyond its inputs and the process."""
-    query = render_query([SPHERE], [orbit_camera(15.0, 30.0)], 512, 64, device=device)
-    provider = ConsistentNoise(0, device)
+    """Extra memory at the peak of one 64x64 view from a 512^2 render, beyond its inputs and the process.
+
+    CUDA: the allocator's peak. CPU: the resident-set high-water mark of a fresh process (in this one,
+    memory freed by earlier runs stays resident and would hide the peak).
+    """
     if device.type == "cuda":
+        query = render_query([SPHERE], [orbit_camera(15.0, 30.0)], 512, 64, device=device)
+        provider = ConsistentNoise(0, device)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         provider.sample(query)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the resident-set high-water mark
+    code = "from server.bench import noise; print(noise.resident_peak_mb())"
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def resident_peak_mb() -> float:
+    """Growth of this process's resident set at the peak of one 64x64 CPU view, one thread (Linux /proc)."""
+    torch.set_num_threads(1)
+    query = render_query([SPHERE], [orbit_camera(15.0, 30.0)], 512, 64)
+    provider = ConsistentNoise(0, "cpu")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the resident-set high-water mark
     before = _status_kb("VmRSS")
     provider.sample(query)
     return (_status_kb("VmHWM") - before) / 1024.0
@@ -181,9 +198,8 @@ def within_view_statistics(device: torch.device, seeds: range) -> dict[str, floa
     for shapes in ([SPHERE], [BOX]):
         query = render_query(shapes, cameras, 512, 64, device=device)
         for seed in seeds:
-            provider = ConsistentNoise(seed, device)
-            sums, counts = provider.integrate(query)
-            noises.append(sums / counts.clamp_min(1).sqrt()[:, None])
+            noise, counts = ConsistentNoise(seed, device).sample_with_counts(query)
+            noises.append(noise)
             masks.append(counts > 0)
     return iid_statistics(torch.cat(noises), torch.cat(masks))
 

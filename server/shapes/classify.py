@@ -36,7 +36,9 @@ def foreground(images: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def _references(size: int, views_per_shape: int = 48, seed: int = 1234) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _references(
+    size: int, views_per_shape: int = 48, seed: int = 1234
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Silhouette bank [S*V, size, size], its shape ids, and reference colours [K, 3]."""
     rng = np.random.default_rng(seed)
     rig = OrbitRig()

@@ -35,8 +35,9 @@ class ShapeImages:
     views: np.ndarray  # [N, 4] elevation_deg, azimuth_deg, radius, fovy_deg
 
 
-def render_primitive(shape: str, rgb: tuple[float, float, float], camera: Camera, size: int,
-                     light_dir: np.ndarray) -> np.ndarray:
+def render_primitive(
+    shape: str, rgb: tuple[float, float, float], camera: Camera, size: int, light_dir: np.ndarray
+) -> np.ndarray:
     """One shaded render [size, size, 3] float in [0, 1], row 0 = top."""
     hi = size * SUPERSAMPLE
     origins, dirs = camera_rays(camera, hi, hi)
@@ -95,7 +96,9 @@ def build_dataset(n: int, size: int, seed: int, rig: OrbitRig | None = None) -> 
         e, a, r, f = views[i]
         camera = Camera(orbit_c2w(e, a, r), math.radians(f))
         light = sample_light_dirs(rng, camera.position[None])[0]
-        img = render_primitive(SHAPES[shape_ids[i]], COLOURS[colour_names[colour_ids[i]]], camera, size, light)
+        img = render_primitive(
+            SHAPES[shape_ids[i]], COLOURS[colour_names[colour_ids[i]]], camera, size, light
+        )
         images[i] = np.round(img * 255.0).astype(np.uint8)
     return ShapeImages(images, shape_ids, colour_ids, views)
 

@@ -73,7 +73,7 @@ def inside(shape: str, p: np.ndarray) -> np.ndarray:
 
 
 def caption(colour: str | None, shape: str | None) -> str:
-    """"a red cube", "a red shape", "a cube" or "a shape"."""
+    """ "a red cube", "a red shape", "a cube" or "a shape"."""
     return f"a {colour + ' ' if colour else ''}{shape or 'shape'}"
 
 

@@ -53,7 +53,15 @@ def build_clip_tokenizer(corpus: list[str], folder: Path, max_length: int = 16) 
         json.dumps({"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS})
     )
     (folder / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": max_length, "bos_token": BOS, "eos_token": EOS,
-                    "unk_token": EOS, "pad_token": EOS, "tokenizer_class": "CLIPTokenizer"})
+        json.dumps(
+            {
+                "model_max_length": max_length,
+                "bos_token": BOS,
+                "eos_token": EOS,
+                "unk_token": EOS,
+                "pad_token": EOS,
+                "tokenizer_class": "CLIPTokenizer",
+            }
+        )
     )
     return CLIPTokenizer.from_pretrained(folder)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import signal
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -70,12 +68,16 @@ def text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
 
 def noise_scheduler() -> DDPMScheduler:
     return DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon", clip_sample=False
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="epsilon",
+        clip_sample=False,
     )
 
 
-def export_weights(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer_dir: Path,
-                   folder: Path, info: dict) -> None:
+def export_weights(
+    unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer_dir: Path, folder: Path, info: dict
+) -> None:
     """Write a diffusers-style folder (unet/ text_encoder/ tokenizer/ scheduler/) atomically."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -84,7 +86,9 @@ def export_weights(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, toke
     unet_half.to(torch.float16).save_pretrained(tmp / "unet")
     text_encoder.save_pretrained(tmp / "text_encoder")
     shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-    DDIMScheduler.from_config(noise_scheduler().config, set_alpha_to_one=True).save_pretrained(tmp / "scheduler")
+    DDIMScheduler.from_config(noise_scheduler().config, set_alpha_to_one=True).save_pretrained(
+        tmp / "scheduler"
+    )
     (tmp / "training.json").write_text(json.dumps(info, indent=2))
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
@@ -115,7 +119,9 @@ class EMA:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=2000, help="optimiser steps to run in this call")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -133,8 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = run_dir / "tokenizer"
     tokenizer = build_clip_tokenizer(all_captions(), tokenizer_dir)
-    data = load_or_build(run_dir / f"data_{args.images}_{IMAGE_SIZE}_{args.data_seed}.npz",
-                         args.images, IMAGE_SIZE, args.data_seed)
+    data = load_or_build(
+        run_dir / f"data_{args.images}_{IMAGE_SIZE}_{args.data_seed}.npz",
+        args.images,
+        IMAGE_SIZE,
+        args.data_seed,
+    )
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()  # uint8 [N,3,S,S]
 
     torch.manual_seed(0)
@@ -173,17 +183,35 @@ def main(argv: list[str] | None = None) -> int:
 
     def info() -> dict:
         return {
-            "steps": step, "train_seconds": round(seconds, 1), "batch_size": args.batch_size, "lr": args.lr,
-            "images": args.images, "image_size": IMAGE_SIZE, "data_seed": args.data_seed,
-            "shapes": list(SHAPES), "colours": colour_names, "threads": args.threads,
-            "command": "python -m server.shapes.train", "parameters": sum(p.numel() for p in params),
+            "steps": step,
+            "train_seconds": round(seconds, 1),
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "images": args.images,
+            "image_size": IMAGE_SIZE,
+            "data_seed": args.data_seed,
+            "shapes": list(SHAPES),
+            "colours": colour_names,
+            "threads": args.threads,
+            "command": "python -m server.shapes.train",
+            "parameters": sum(p.numel() for p in params),
         }
 
     def save_checkpoint() -> None:
         tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                    "optimizer": optimizer.state_dict(), "ema": ema.shadow, "ema_updates": ema.updates,
-                    "step": step, "seconds": seconds, "rng": rng}, tmp)
+        torch.save(
+            {
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "ema": ema.shadow,
+                "ema_updates": ema.updates,
+                "step": step,
+                "seconds": seconds,
+                "rng": rng,
+            },
+            tmp,
+        )
         tmp.replace(checkpoint)
 
     def export() -> None:
@@ -205,15 +233,21 @@ def main(argv: list[str] | None = None) -> int:
     while step < end and not stop:
         idx = rng.integers(0, len(images), args.batch_size)
         captions = [
-            "" if rng.random() < UNCOND_PROBABILITY
+            ""
+            if rng.random() < UNCOND_PROBABILITY
             else sample_caption(rng, colour_names[data.colour_ids[i]], SHAPES[data.shape_ids[i]])
             for i in idx
         ]
         x0 = images[idx].float() / 127.5 - 1.0
         flip = torch.from_numpy(rng.random(args.batch_size) < 0.5)
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)  # primitives are mirror-symmetric
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
         t = torch.from_numpy(rng.integers(0, scheduler.config.num_train_timesteps, args.batch_size))
         x_t = scheduler.add_noise(x0, noise, t)
