@@ -344,7 +344,6 @@ class Controller:
             )
             return
         out_dir = str(message.get("out_dir", ""))
-        texture_path = self._texture_file(asset, out_dir, job.job_id)
         scene = bpy.data.scenes.get(job.scene)
         if scene is None:
             return
@@ -352,9 +351,7 @@ class Controller:
             scene, "CFD variant", job.location
         )
         name = scene_objects.variant_name(job.job["prompt"], job.job["seed"])
-        scene_objects.finish_variant(
-            obj, asset, texture_path, name, jobs.variant_properties(job.job, out_dir)
-        )
+        scene_objects.finish_variant(obj, asset, name, jobs.variant_properties(job.job, out_dir))
         scene_objects.select_only(bpy.context, obj)
         self.last_variant = obj.name
         undo_push(f"CFD: {obj.name}")
@@ -364,22 +361,6 @@ class Controller:
         if "glb" in message.blobs:  # a remote server may send the file itself
             return message.blobs["glb"][0]
         return Path(message.get("glb")).read_bytes()
-
-    @staticmethod
-    def _texture_file(asset: glb.GlbMesh, out_dir: str, job_id: str) -> Path | None:
-        """The base-colour image as a file beside the asset (else in our cache), to load and pack."""
-        if asset.texture is None:
-            return None
-        from .preferences import user_folder
-
-        suffix = ".jpg" if asset.texture_mime == "image/jpeg" else ".png"
-        if out_dir and Path(out_dir).is_dir():
-            path = Path(out_dir) / f"texture{suffix}"
-        else:
-            path = user_folder("cache") / f"{job_id}{suffix}"
-        if not path.exists() or path.read_bytes() != asset.texture:
-            path.write_bytes(asset.texture)
-        return path
 
     # ------------------------------------------------------------------------------ endings
 

@@ -164,11 +164,21 @@ def show_image(name: str, path: Path) -> bpy.types.Image:
     return image
 
 
-def textured_material(name: str, texture_path: Path) -> bpy.types.Material:
-    """Principled BSDF with the texture packed into the .blend (it survives moving the file)."""
-    image = bpy.data.images.load(str(texture_path), check_existing=False)
-    image.name = name
-    image.pack()
+def packed_image(name: str, data: bytes, extension: str) -> bpy.types.Image:
+    """An image packed into the .blend straight from the file's bytes (the GLB's embedded texture).
+
+    Packing the original PNG keeps the file small and lossless, needs no temporary file, and the
+    .blend stays complete when moved; the size comes from the packed file itself.
+    """
+    image = bpy.data.images.new(name, 1, 1)
+    image.source = "FILE"
+    image.filepath_raw = f"//textures/{bpy.path.clean_name(name)}{extension}"  # where Unpack would write
+    image.pack(data=data, data_len=len(data))
+    return image
+
+
+def textured_material(name: str, image: bpy.types.Image) -> bpy.types.Material:
+    """Principled BSDF whose base colour is the image, through the mesh's UV map."""
     material = bpy.data.materials.new(name)
     tree, bsdf = _principled(material)
     node = tree.nodes.new("ShaderNodeTexImage")
@@ -179,13 +189,7 @@ def textured_material(name: str, texture_path: Path) -> bpy.types.Material:
     return material
 
 
-def finish_variant(
-    obj: bpy.types.Object,
-    asset: GlbMesh,
-    texture_path: Path | None,
-    name: str,
-    properties: dict,
-) -> bpy.types.Object:
+def finish_variant(obj: bpy.types.Object, asset: GlbMesh, name: str, properties: dict) -> bpy.types.Object:
     """Turn the streaming object into the final asset: UV-textured mesh, material, name, properties."""
     mesh = obj.data
     fill_mesh(mesh, asset.positions, asset.faces)
@@ -197,8 +201,9 @@ def finish_variant(
         attribute.data.foreach_set("color", np.ascontiguousarray(asset.colors, np.float32).ravel())
     mesh.polygons.foreach_set("use_smooth", np.ones(len(asset.faces), dtype=bool))
     mesh.materials.clear()
-    if texture_path is not None:
-        mesh.materials.append(textured_material(name, texture_path))
+    if asset.texture is not None:
+        extension = ".jpg" if asset.texture_mime == "image/jpeg" else ".png"
+        mesh.materials.append(textured_material(name, packed_image(name, asset.texture, extension)))
     obj.name = name
     mesh.name = name
     for key, value in properties.items():

@@ -19,6 +19,7 @@ from enum import StrEnum
 
 import torch
 
+from server.job import NonFiniteError
 from server.schedule import NoiseSchedule
 
 
@@ -42,10 +43,6 @@ class CFGForm(StrEnum):
 class Weighting(StrEnum):
     LAMBDA = "lambda"  # w(t) = sigma_t / alpha_t, the CFD reference's SD weighting
     ONE = "one"  # w(t) = 1, MVDream's, and the one that makes the 2-D flow exactly DDIM
-
-
-class NonFiniteGradientError(RuntimeError):
-    """The prior's prediction was NaN or infinite everywhere: the step cannot be taken."""
 
 
 def classifier_free_guidance(
@@ -104,7 +101,7 @@ def distillation_step(
     finite = torch.isfinite(grad)
     nonfinite = int((~finite).sum())
     if nonfinite == grad.numel():
-        raise NonFiniteGradientError(f"the prior returned no finite prediction at t={t}")
+        raise NonFiniteError(f"the prior returned no finite prediction at t={t}")
     grad = torch.where(finite, grad, torch.zeros_like(grad))
 
     target = (latents - grad).detach()

@@ -30,9 +30,9 @@ from PIL import Image
 
 from server import __version__
 from server.cameras import OrbitRig
-from server.distill import CFGForm, Method, NonFiniteGradientError, Weighting, distillation_step
+from server.distill import CFGForm, Method, Weighting, distillation_step
 from server.dmtet import DMTet
-from server.job import Cancelled, JobSpec
+from server.job import Cancelled, JobSpec, NonFiniteError
 from server.noise import FreshNoise, NoiseProvider, NoiseQuery
 from server.priors import Prior, load_prior
 from server.regularizers import laplacian_smoothness, normal_consistency, sdf_sign_change
@@ -311,7 +311,7 @@ def run_job(
             loss = loss + opt.laplacian_weight * laplacian_smoothness(mesh)
             loss = loss + sign_weight * sdf_sign_change(geometry.sdf, geometry.edges)
         if not torch.isfinite(loss):
-            raise NonFiniteGradientError(f"the loss became {loss.item()} at step {step}")
+            raise NonFiniteError(f"the loss became {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

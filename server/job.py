@@ -48,6 +48,17 @@ class Cancelled(Exception):
         super().__init__(f"cancelled after step {step}")
 
 
+class MissingWeightsError(RuntimeError):
+    """A prior's weights are not on this machine; `model` names them, `fix` says how to get them.
+
+    The server maps it to the protocol's `missing_weights` error, so the message must be actionable.
+    """
+
+    def __init__(self, model: str, fix: str):
+        self.model, self.fix = model, fix
+        super().__init__(f"weights for {model!r} are not available: {fix}")
+
+
 class NonFiniteError(RuntimeError):
     """The optimisation produced NaN/inf; the server reports it as the protocol's `nan` error."""
 
@@ -159,12 +170,6 @@ class JobSpec:
     def to_json_dict(self) -> dict[str, Any]:
         """What goes into job.json: the settings tagged with their format (still `from_dict`-able)."""
         return {"format": JOB_FORMAT, **self.to_dict()}
-
-    def timestep(self, step: int) -> float:
-        """t at optimisation step `step` (0-based of `steps`): piecewise-linear in the step fraction."""
-        fraction = step / max(self.steps - 1, 1)
-        knots = np.array(self.timestep_knots)
-        return float(np.interp(fraction, knots[:, 0], knots[:, 1]))
 
 
 class JobEvents:

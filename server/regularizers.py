@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from server.dmtet import TriangleMesh
+from server.render import vertex_normals
 
 
 def mesh_edges(faces: torch.Tensor, num_vertices: int) -> torch.Tensor:
@@ -25,16 +26,6 @@ def mesh_edges(faces: torch.Tensor, num_vertices: int) -> torch.Tensor:
     return torch.stack([keys // num_vertices, keys % num_vertices], dim=1)
 
 
-def vertex_normals(mesh: TriangleMesh) -> torch.Tensor:
-    """Area-weighted unit vertex normals [V, 3] (zero for vertices without faces)."""
-    corners = mesh.vertices[mesh.faces]  # [F, 3, 3]
-    face_normals = torch.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=-1)
-    summed = torch.zeros_like(mesh.vertices).index_add_(
-        0, mesh.faces.reshape(-1), face_normals.repeat_interleave(3, 0)
-    )
-    return F.normalize(summed, dim=-1, eps=1e-20)
-
-
 def normal_consistency(mesh: TriangleMesh, edges: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over mesh edges of 1 - cos(angle between the endpoint vertex normals); 0 for a plane.
 
@@ -43,7 +34,7 @@ def normal_consistency(mesh: TriangleMesh, edges: torch.Tensor | None = None) ->
     if len(mesh.faces) == 0:
         return mesh.vertices.sum() * 0.0
     edges = mesh_edges(mesh.faces, len(mesh.vertices)) if edges is None else edges
-    normals = vertex_normals(mesh)
+    normals = vertex_normals(mesh.vertices, mesh.faces)
     return (1.0 - (normals[edges[:, 0]] * normals[edges[:, 1]]).sum(-1)).mean()
 
 

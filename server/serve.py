@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from server import __version__, protocol
-from server.job import Cancelled, JobEvents, JobSpec, JobSpecError, NonFiniteError
+from server.job import Cancelled, JobEvents, JobSpec, JobSpecError, MissingWeightsError, NonFiniteError
 
 log = logging.getLogger("server.serve")
 
@@ -88,15 +88,13 @@ def classify_exception(exc: BaseException) -> tuple[str, str, str]:
     """(code, message, fix) of the `error` frame for an exception raised by a job."""
     if isinstance(exc, JobSpecError):
         return protocol.BAD_SETTINGS, str(exc), f"change the {exc.field} setting"
-    missing_weights = _loaded_class("server.priors.base", "MissingWeightsError")
-    if missing_weights is not None and isinstance(exc, missing_weights):
+    if isinstance(exc, MissingWeightsError):
         return protocol.MISSING_WEIGHTS, str(exc), exc.fix
     torch_oom = _loaded_class("torch.cuda", "OutOfMemoryError")
     is_oom = isinstance(exc, MemoryError) or (torch_oom is not None and isinstance(exc, torch_oom))
     if is_oom or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
         return protocol.OUT_OF_MEMORY, f"out of memory: {exc}", OOM_FIX
-    nonfinite = (NonFiniteError, _loaded_class("server.distill", "NonFiniteGradientError") or NonFiniteError)
-    if isinstance(exc, nonfinite):
+    if isinstance(exc, NonFiniteError):
         return protocol.NAN, str(exc) or "the optimisation produced NaN values", NAN_FIX
     last_line = traceback.format_exception_only(type(exc), exc)[-1].strip()
     frames = traceback.extract_tb(exc.__traceback__)

@@ -64,6 +64,7 @@ def main(out: Path) -> int:
     chroot = Path(os.environ.get("BLENDER_CHROOT", Path.home() / ".cache" / "blender-trixie"))
     if not (chroot / "usr" / "bin" / "blender").exists():
         print("building the Blender chroot first (about 4 minutes)", flush=True)
+        # The script builds the chroot on first use, then stops at the (empty) zip: all we need here.
         subprocess.run(["bash", str(GUI_SCRIPT), "/dev/null", "/dev/null", "/dev/null"], check=False)
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(SHARED, ignore_errors=True)

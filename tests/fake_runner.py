@@ -51,7 +51,15 @@ def run_job(
             raise Cancelled(step)
         time.sleep(STEP_SECONDS)
         elapsed = time.monotonic() - started
-        emit.progress(step + 1, spec.steps, "fake", spec.timestep(step), 1.0 / (step + 1), None, elapsed)
+        emit.progress(
+            step + 1,
+            spec.steps,
+            "fake",
+            round(980 - 780 * step / max(spec.steps - 1, 1)),
+            1.0 / (step + 1),
+            None,
+            elapsed,
+        )
         if emit.preview_due():
             scale = 0.5 + 0.5 * (step + 1) / spec.steps
             colors = np.full(positions.shape, step % 256, dtype=np.uint8)

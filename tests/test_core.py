@@ -13,11 +13,11 @@ from scipy import stats
 
 from server.distill import (
     CFGForm,
-    NonFiniteGradientError,
     Weighting,
     classifier_free_guidance,
     distillation_step,
 )
+from server.job import NonFiniteError
 from server.noise import FixedNoise, FreshNoise, NoiseQuery, mix_in_fresh
 from server.schedule import AnnealedTimesteps, NoiseSchedule, RandomTimesteps, lambda_steps
 
@@ -135,7 +135,7 @@ def test_nan_predictions_are_zeroed_and_counted_and_all_nan_is_an_error():
         NaNPrior(0.25), z, torch.ones(1, 3, 4, 4), 300, None, None, schedule, 1.0, CFGForm.UNCOND
     )
     assert step.nonfinite == 12 and torch.isfinite(step.grad).all()
-    with pytest.raises(NonFiniteGradientError):
+    with pytest.raises(NonFiniteError):
         distillation_step(
             NaNPrior(1.0), z, torch.ones(1, 3, 4, 4), 300, None, None, schedule, 1.0, CFGForm.UNCOND
         )

@@ -185,12 +185,6 @@ def test_a_full_spec_round_trips_through_job_json() -> None:
     assert JobSpec.from_dict(json.loads(json.dumps(with_cameras.to_json_dict()))) == with_cameras
 
 
-def test_timestep_follows_the_knots() -> None:
-    spec = JobSpec.from_dict({"prompt": "p", "steps": 11, "timestep_knots": [[0, 980], [0.5, 500], [1, 400]]})
-    assert [spec.timestep(s) for s in (0, 5, 10)] == [980.0, 500.0, 400.0]
-    assert spec.timestep(2) == pytest.approx(980 - 0.4 * 480)
-
-
 def test_job_events_stamp_the_job_id_and_throttle_previews() -> None:
     sent: list[bytes] = []
     now = [100.0]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from server.job import MissingWeightsError
 from server.priors.base import (
     VIEW_SUFFIXES,
-    MissingWeightsError,
     Prior,
     PromptEmbeddings,
     default_dtype,

@@ -22,17 +22,6 @@ FRONT_HALF_ANGLE_DEG = 45.0
 BACK_HALF_ANGLE_DEG = 45.0
 
 
-class MissingWeightsError(RuntimeError):
-    """A prior's weights are not on this machine; `model` names them, `fix` says how to get them.
-
-    The server maps it to the protocol's `missing_weights` error, so the message must be actionable.
-    """
-
-    def __init__(self, model: str, fix: str):
-        self.model, self.fix = model, fix
-        super().__init__(f"weights for {model!r} are not available: {fix}")
-
-
 def view_suffix_index(elevation_deg: float, azimuth_deg: float, front_azimuth_deg: float = 0.0) -> int:
     """Which of VIEW_SUFFIXES describes a camera at (elevation, azimuth), in degrees.
 

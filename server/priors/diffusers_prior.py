@@ -27,8 +27,8 @@ from huggingface_hub.errors import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from server.job import MissingWeightsError
 from server.priors.base import (
-    MissingWeightsError,
     Prior,
     cfg_batch,
     model_output_to_rgb,
