@@ -33,6 +33,25 @@ QUALITY_PRESETS = {
     "HIGH": QualityPreset("High", "2500 steps, 256 px views, 2048 px texture", 2500, 256, 2048),
 }
 PRECISIONS = {"AUTO": "auto", "FP16": "fp16", "BF16": "bf16", "FP32": "fp32"}
+SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
+PRIOR_ITEMS = [  # the preferences' menu: (key, label, tooltip)
+    ("SHAPES", "Shapes (offline)", "The project's small shipped prior of coloured primitives: runs on a CPU"),
+    ("SD21", "Stable Diffusion 2.1", f"{SD21_BASE}: downloaded once; a GPU is advised"),
+    ("MVDREAM", "MVDream", "Multi-view Stable Diffusion: one face, consistent sides; downloaded once; GPU"),
+    (
+        "MVDREAM_SD21",
+        "MVDream → Stable Diffusion",
+        "MVDream forms the shape over the first half of the steps, then Stable Diffusion 2.1 adds detail",
+    ),
+    ("CUSTOM", "Custom", "Any Stable Diffusion or MVDream hub id, diffusers folder or checkpoint file"),
+]
+# The preferences' prior choices as the job's (prior, chain_prior); CUSTOM takes the typed source.
+PRIORS = {
+    "SHAPES": ("shapes", None),
+    "SD21": (SD21_BASE, None),
+    "MVDREAM": ("mvdream", None),
+    "MVDREAM_SD21": ("mvdream", SD21_BASE),  # MVDream forms the shape, SD 2.1 adds detail
+}
 INIT_SHAPES = {"SPHERE": "sphere", "MESH": "mesh"}
 # Which panel value each job field comes back to on Regenerate.
 PANEL_FIELDS = ("prompt", "negative_prompt", "seed", "guidance_scale")
@@ -68,6 +87,7 @@ def build_job(
     init_shape: str,
     prior: str,
     device: str,
+    custom_prior: str = "",
     precision: str,
     output_dir: str,
     orbit: dict | None = None,
@@ -77,13 +97,14 @@ def build_job(
     if (orbit is None) == (cameras is None):
         raise ValueError("give exactly one of orbit / cameras")
     preset = QUALITY_PRESETS[quality]
+    source, chain = PRIORS.get(prior, (custom_prior.strip() or "shapes", None))
     job: dict[str, Any] = {
         "format": JOB_FORMAT,
         "prompt": prompt,
         "negative_prompt": negative_prompt,
         "seed": int(seed),
         "method": method.lower(),
-        "prior": prior.strip() or "shapes",
+        "prior": source,
         "steps": preset.steps,
         "render_size": preset.render_size,
         "texture_size": preset.texture_size,
@@ -93,6 +114,8 @@ def build_job(
         "precision": PRECISIONS[precision],
         "output_dir": output_dir,
     }
+    if chain is not None:
+        job["chain_prior"] = chain
     if orbit is not None:
         job["orbit"] = orbit
     else:

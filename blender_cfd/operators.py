@@ -58,6 +58,7 @@ def job_from_panel(context: bpy.types.Context, location) -> tuple[dict, tuple[np
         guidance_scale=settings.guidance_scale,
         init_shape=settings.init_shape,
         prior=prefs.prior,
+        custom_prior=prefs.custom_prior,
         device=prefs.device,
         precision=prefs.precision,
         output_dir=str(prefs.output_folder()),

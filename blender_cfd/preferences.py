@@ -7,7 +7,7 @@ from pathlib import Path
 import bpy
 from bpy.props import EnumProperty, StringProperty
 
-from . import ADDON_ID, environment
+from . import ADDON_ID, environment, jobs
 
 DEVICE_ITEMS = [
     ("AUTO", "Automatic", "CUDA if available, then Apple Metal, else CPU"),
@@ -45,10 +45,10 @@ class CFDPreferences(bpy.types.AddonPreferences):
         subtype="FILE_PATH",
     )
     torch_build: EnumProperty(name="PyTorch Build", items=BUILD_ITEMS, default="CUDA")
-    prior: StringProperty(
-        name="Prior",
-        description="'shapes' (shipped, offline, CPU), a Stable Diffusion hub id, or a diffusers folder",
-        default="shapes",
+    prior: EnumProperty(name="Prior", items=jobs.PRIOR_ITEMS, default="SHAPES")
+    custom_prior: StringProperty(
+        name="Model",
+        description="A hub id (owner/name), a local diffusers folder, or an MVDream checkpoint (.pt)",
     )
     device: EnumProperty(name="Device", items=DEVICE_ITEMS, default="AUTO")
     precision: EnumProperty(name="Precision", items=PRECISION_ITEMS, default="AUTO")
@@ -89,6 +89,8 @@ class CFDPreferences(bpy.types.AddonPreferences):
 
         col = layout.column()
         col.prop(self, "prior")
+        if self.prior == "CUSTOM":
+            col.prop(self, "custom_prior")
         row = col.row()
         row.prop(self, "device")
         row.prop(self, "precision")

@@ -84,17 +84,19 @@ def distillation_step(
     cfg_form: CFGForm,
     weighting: Weighting = Weighting.ONE,
     step_weight: float = 1.0,
+    c2w: torch.Tensor | None = None,
 ) -> DistillationStep:
     """The flow gradient on `latents` [B, C, h, w] with noise eps_tilde = `noise` at timestep t.
 
     `step_weight` multiplies w(t): the 2-D clean flow passes the DDIM step size through the
     optimiser's learning rate instead, so it is 1 there. The returned loss is summed over views;
-    a 3-D caller averages it over its cameras.
+    a 3-D caller averages it over its cameras. `c2w` are the views' cameras, for a prior that is
+    conditioned on them (MVDream).
     """
     alpha, sigma = schedule.alpha(t), schedule.sigma(t)
     x_t = alpha * latents.detach() + sigma * noise
     timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
-    eps_cond, eps_uncond = prior.predict_eps(x_t, timesteps, cond, uncond)
+    eps_cond, eps_uncond = prior.predict_eps(x_t, timesteps, cond, uncond, c2w=c2w)
     eps_hat = classifier_free_guidance(eps_cond, eps_uncond, guidance_scale, cfg_form).to(latents.dtype)
 
     grad = step_weight * weight(schedule, t, weighting) * (eps_hat - noise)

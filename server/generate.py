@@ -32,9 +32,10 @@ from server import __version__
 from server.cameras import OrbitRig
 from server.distill import CFGForm, Method, Weighting, distillation_step
 from server.dmtet import DMTet
-from server.job import Cancelled, JobSpec, NonFiniteError
+from server.job import Cancelled, JobSpec, JobSpecError, NonFiniteError
+from server.mvdream_cameras import MultiViewRig
 from server.noise import FreshNoise, NoiseProvider, NoiseQuery
-from server.priors import Prior, load_prior
+from server.priors import Prior, PromptEmbeddings, load_prior
 from server.regularizers import laplacian_smoothness, normal_consistency, sdf_sign_change
 from server.render import render_mesh
 from server.schedule import AnnealedTimesteps, NoiseSchedule, RandomTimesteps
@@ -136,13 +137,54 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 _PRIORS: dict[tuple[str, str, str], Prior] = {}
 
 
-def cached_prior(spec: str, device: torch.device, dtype: torch.dtype) -> Prior:
-    """Loading a prior takes seconds (minutes for SD): keep the last one for the next job."""
-    key = (spec, str(device), str(dtype))
-    if key not in _PRIORS:
-        _PRIORS.clear()
-        _PRIORS[key] = load_prior(spec, device, dtype)
-    return _PRIORS[key]
+def cached_priors(names: list[str], device: torch.device, dtype: torch.dtype) -> list[Prior]:
+    """Loading a prior takes seconds (minutes for SD): keep this job's priors for the next job."""
+    keys = [(name, str(device), str(dtype)) for name in names]
+    for key in list(_PRIORS):
+        if key not in keys:
+            del _PRIORS[key]
+    for key in keys:
+        if key not in _PRIORS:
+            _PRIORS[key] = load_prior(key[0], device, dtype)
+    return [_PRIORS[key] for key in keys]
+
+
+def cached_prior(name: str, device: torch.device, dtype: torch.dtype) -> Prior:
+    return cached_priors([name], device, dtype)[0]
+
+
+@dataclass
+class PriorStage:
+    """One prior's share of a job's steps, up to step `until`: a chained job (MVDream forming the
+    geometry, then Stable Diffusion adding detail) has two."""
+
+    prior: Prior
+    embeddings: PromptEmbeddings
+    schedule: NoiseSchedule
+    until: int
+
+    @property
+    def views_per_group(self) -> int:
+        """Views a multi-view prior (MVDream) denoises together; 1 for a single-view prior."""
+        return getattr(self.prior, "views_per_group", 1)
+
+
+def prior_stages(spec: JobSpec, device: torch.device) -> list[PriorStage]:
+    names = [spec.prior] if spec.chain_prior is None else [spec.prior, spec.chain_prior]
+    priors = cached_priors(names, device, resolve_dtype(spec.precision, device))
+    ends = [spec.steps] if len(priors) == 1 else [round(spec.chain_at * spec.steps), spec.steps]
+    stages = []
+    for prior, until in zip(priors, ends, strict=True):
+        if spec.render_size % prior.latent_size:
+            raise JobSpecError(
+                "render_size",
+                f"{spec.render_size} must be a multiple of the latent size {prior.latent_size} of prior "
+                f"{prior.name!r}",
+            )
+        view_dependent = getattr(prior, "view_dependent", False)
+        embeddings = prior.encode_prompt(spec.prompt, spec.negative_prompt, view_dependent=view_dependent)
+        stages.append(PriorStage(prior, embeddings, NoiseSchedule.of(prior), until))
+    return stages
 
 
 def noise_provider(method: Method, seed: int, device: torch.device) -> NoiseProvider:
@@ -158,19 +200,29 @@ def noise_provider(method: Method, seed: int, device: torch.device) -> NoiseProv
 
 
 class CameraSource:
-    """Cameras per step: sampled from the orbit rig, or drawn from the explicit cameras sent by Blender."""
+    """Cameras per step: sampled from the orbit rig, or drawn from the explicit cameras sent by Blender.
+
+    A multi-view prior (MVDream) needs groups of 4 views 90 degrees apart, as it was trained on:
+    those come from its own rig (`server.mvdream_cameras.MultiViewRig`) whatever the job's cameras.
+    """
 
     def __init__(self, spec: JobSpec, rng: np.random.Generator):
         self.rng = rng
         self.rig = OrbitRig(**asdict(spec.orbit)) if spec.cameras is None else None
         self.cameras = spec.cameras
+        self.multiview = MultiViewRig()
 
-    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(c2w [n,4,4], fovy [n] radians, elevation_deg [n], azimuth_deg [n]) as float32 CPU tensors."""
-        if self.rig is not None:
+    def sample(
+        self, n: int, views_per_group: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c2w [N,4,4], fovy [N] radians, elevation_deg [N], azimuth_deg [N]) as float32 CPU tensors;
+        N = n views, or n groups of `views_per_group` consecutive views."""
+        if views_per_group > 1:
+            cams = self.multiview.sample(self.rng, n)
+            c2w, fovy = np.stack([c.c2w for c in cams]), np.array([c.fovy for c in cams])
+        elif self.rig is not None:
             cams = self.rig.sample(self.rng, n)
-            c2w = np.stack([c.c2w for c in cams])
-            fovy = np.array([c.fovy for c in cams])
+            c2w, fovy = np.stack([c.c2w for c in cams]), np.array([c.fovy for c in cams])
         else:
             picks = self.rng.integers(0, len(self.cameras), n)
             c2w = np.stack([self.cameras[i].matrix for i in picks])
@@ -217,12 +269,7 @@ def run_job(
     start = time.perf_counter()
     opt = OPTIMISATION
     device = resolve_device(spec.device)
-    prior = cached_prior(spec.prior, device, resolve_dtype(spec.precision, device))
-    if spec.render_size % prior.latent_size:
-        raise ValueError(
-            f"render_size {spec.render_size} must be a multiple of the prior's latent size "
-            f"{prior.latent_size}"
-        )
+    stages = prior_stages(spec, device)
     method = Method(spec.method)
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
@@ -247,18 +294,13 @@ def run_job(
         eps=1e-15,
     )
 
-    schedule = NoiseSchedule.of(prior)
     timesteps = (
         RandomTimesteps(20, 980)
         if method == Method.SDS
         else AnnealedTimesteps(tuple((float(f), float(t)) for f, t in spec.timestep_knots))
     )
     noise = noise_provider(method, spec.seed, device)
-    embeddings = prior.encode_prompt(
-        spec.prompt, spec.negative_prompt, view_dependent=getattr(prior, "view_dependent", False)
-    )
     cameras = CameraSource(spec, rng)
-    latent_hw = (prior.latent_size, prior.latent_size)
     geometry_steps = int(opt.geometry_fraction * spec.steps)
 
     for step in range(spec.steps):
@@ -268,8 +310,12 @@ def run_job(
         if step == geometry_steps:
             for p in geometry_params:
                 p.requires_grad_(False)
+        stage = next(stage for stage in stages if step < stage.until)
+        prior = stage.prior
         mesh = geometry()
-        c2w, fovy, elevation, azimuth = cameras.sample(spec.batch_size)
+        # A multi-view prior's views of one group share one timestep and one surface-attached noise
+        # query, which is what its cross-view attention expects.
+        c2w, fovy, elevation, azimuth = cameras.sample(spec.batch_size, stage.views_per_group)
         view = render_mesh(
             mesh.vertices,
             mesh.faces,
@@ -282,7 +328,7 @@ def run_job(
         latents = prior.encode_images(view.rgb)
         eps_tilde = noise.sample(
             NoiseQuery(
-                latent_hw,
+                (prior.latent_size, prior.latent_size),
                 prior.latent_channels,
                 view.c2w,
                 view.fovy,
@@ -296,14 +342,15 @@ def run_job(
             latents,
             eps_tilde.to(latents.dtype),
             t,
-            embeddings.for_views(elevation, azimuth),
-            embeddings.uncond,
-            schedule,
+            stage.embeddings.for_views(elevation, azimuth),
+            stage.embeddings.uncond,
+            stage.schedule,
             spec.guidance_scale,
             CFGForm(spec.cfg_form),
             opt.weighting,
+            c2w=view.c2w,
         )
-        loss = flow.loss / spec.batch_size
+        loss = flow.loss / len(c2w)
         if shaping:
             anneal = max(0.0, 1.0 - step / (0.5 * spec.steps))
             sign_weight = opt.sign_weight_end + (opt.sign_weight_start - opt.sign_weight_end) * anneal

@@ -25,7 +25,6 @@ METHODS = ("cfd", "fsd", "sds")
 CFG_FORMS = ("uncond", "cond")
 INIT_SHAPES = ("sphere", "ellipsoid", "mesh")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-RESERVED_PRIORS = ("mvdream",)
 MAX_PROMPT_CHARS = 500
 MAX_EXPLICIT_CAMERAS = 256
 RIGID_TOLERANCE = 1e-4
@@ -110,6 +109,8 @@ class JobSpec:
     output_dir: str | None = None
     preview_max_fps: float = 2.0
     batch_size: int = 1
+    chain_prior: str | None = None  # e.g. MVDream forms the geometry, then Stable Diffusion adds detail
+    chain_at: float = 0.5  # fraction of the steps after which `chain_prior` takes over
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobSpec:
@@ -153,6 +154,10 @@ class JobSpec:
             output_dir=_output_dir(values["output_dir"]),
             preview_max_fps=_number("preview_max_fps", values["preview_max_fps"], 0.1, 30.0),
             batch_size=_integer("batch_size", values["batch_size"], 1, 8),
+            chain_prior=None
+            if values["chain_prior"] is None
+            else _prior(values["chain_prior"], "chain_prior"),
+            chain_at=_number("chain_at", values["chain_at"], 0.0, 1.0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -266,14 +271,15 @@ def _text(name: str, value: Any, allow_empty: bool) -> str:
     return value
 
 
-def _prior(value: Any) -> str:
-    allowed = '"shapes" (default), a Stable Diffusion hub id like "owner/name", or a local model folder'
+def _prior(value: Any, name: str = "prior") -> str:
+    allowed = (
+        '"shapes" (default), "mvdream", a Stable Diffusion or MVDream hub id like "owner/name", '
+        "or a local model folder or checkpoint"
+    )
     if not isinstance(value, str) or not value.strip() or len(value) > 1000:
-        raise JobSpecError("prior", f"must be {allowed}; got {value!r}")
-    if value in RESERVED_PRIORS:
-        raise JobSpecError("prior", f"{value!r} is reserved for a later version; use {allowed}")
+        raise JobSpecError(name, f"must be {allowed}; got {value!r}")
     if any(ord(ch) < 32 for ch in value):
-        raise JobSpecError("prior", "must not contain control characters")
+        raise JobSpecError(name, "must not contain control characters")
     return value
 
 

@@ -533,9 +533,14 @@ def done(
     out_dir: str,
     seconds: float,
     steps_per_second: float,
+    glb_bytes: bytes | None = None,
     **extra: Any,
 ) -> bytes:
-    """The job finished; paths are absolute paths on the server's machine."""
+    """The job finished; paths are absolute paths on the server's machine.
+
+    `glb_bytes`, the asset itself as blob "glb", lets a client on another machine (TCP) keep it.
+    """
+    blobs = {"glb": (glb_bytes, "model/gltf-binary")} if glb_bytes is not None else None
     return encode_frame(
         {
             "type": DONE,
@@ -547,7 +552,8 @@ def done(
             "seconds": _finite_or_none(seconds),
             "steps_per_second": _finite_or_none(steps_per_second),
             **extra,
-        }
+        },
+        blobs=blobs,
     )
 
 

@@ -367,7 +367,9 @@ class Server:
         try:
             result = self.runner(job.spec, job.init_mesh, events, job.should_cancel)
             payload = result.to_dict() if hasattr(result, "to_dict") else result  # a dict, or a result object
-            final = protocol.done(job.job_id, **payload)
+            glb = Path(payload["glb"]) if payload.get("glb") else None
+            glb_bytes = glb.read_bytes() if glb is not None and glb.is_file() else None
+            final = protocol.done(job.job_id, glb_bytes=glb_bytes, **payload)
             log.info("job %s done in %.1f s", job.job_id, time.monotonic() - started)
         except Cancelled as cancelled:
             final = protocol.cancelled(job.job_id, cancelled.step)

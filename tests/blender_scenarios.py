@@ -385,6 +385,10 @@ def environment(zip_path: str, out: Path) -> dict:
         "remote_address",
         "remote_token",
     } <= {d["name"] for d in shown(drawn, "prop")}
+    assert "custom_prior" not in {d["name"] for d in shown(drawn, "prop")}
+    prefs.prior = "CUSTOM"
+    assert "custom_prior" in {d["name"] for d in shown(draw_preferences(prefs), "prop")}
+    prefs.prior = "SHAPES"
 
     prefs.python_path = str(out / "missing" / "python")
     assert "not found" in reported_error(bpy.ops.cfd.check_environment)

@@ -179,7 +179,7 @@ def test_every_panel_setting_makes_a_job_the_server_accepts():
                     method=method,
                     guidance_scale=7.5,
                     init_shape="SPHERE",
-                    prior="shapes",
+                    prior="SHAPES",
                     device="AUTO",
                     precision="FP16",
                     output_dir="/tmp/out",
@@ -191,6 +191,42 @@ def test_every_panel_setting_makes_a_job_the_server_accepts():
                 assert jobs.decode_job(jobs.encode_job(job)) == job
     assert spec.cameras[0].fovy_deg == pytest.approx(39.6)
     assert JobSpec.from_dict({**job, "init_shape": "mesh"}).init_shape == "mesh"
+
+
+def test_every_prior_choice_names_what_the_server_loads():
+    """The preferences' prior menu -> the job's prior / chain_prior, accepted by JobSpec and routed by
+    the server's loader to the right model family (MVDream or Stable Diffusion)."""
+    from blender_cfd import jobs
+    from server.job import JobSpec
+    from server.priors import is_mvdream
+
+    def spec(prior: str, custom: str = "") -> JobSpec:
+        job = jobs.build_job(
+            prompt="a chair",
+            negative_prompt="",
+            seed=0,
+            quality="DRAFT",
+            method="CFD",
+            guidance_scale=7.5,
+            init_shape="SPHERE",
+            prior=prior,
+            custom_prior=custom,
+            device="AUTO",
+            precision="AUTO",
+            output_dir="/tmp/out",
+            orbit={},
+        )
+        return JobSpec.from_dict(job)
+
+    assert {key for key, *_ in jobs.PRIOR_ITEMS} == {*jobs.PRIORS, "CUSTOM"}
+    assert (spec("SHAPES").prior, spec("SHAPES").chain_prior) == ("shapes", None)
+    sd = spec("SD21")
+    assert sd.chain_prior is None and not is_mvdream(sd.prior) and sd.prior == jobs.SD21_BASE
+    assert is_mvdream(spec("MVDREAM").prior) and spec("MVDREAM").chain_prior is None
+    chained = spec("MVDREAM_SD21")
+    assert is_mvdream(chained.prior) and chained.chain_prior == jobs.SD21_BASE and 0 < chained.chain_at < 1
+    assert spec("CUSTOM", "  /models/my-sd  ").prior == "/models/my-sd"
+    assert spec("CUSTOM", "").prior == "shapes"
 
 
 def test_variant_names_fit_blender_and_keep_the_seed():

@@ -125,6 +125,7 @@ def test_a_real_job_streams_previews_and_writes_a_valid_glb(server: ServerProces
     mesh = next(m for m in messages if m.type == "preview_mesh")
     positions, faces = mesh.arrays["positions"], mesh.arrays["faces"]
     assert positions.shape[1] == 3 and faces.max() < len(positions)
+    assert done.blobs["glb"][0] == Path(done.header["glb"]).read_bytes()  # remote clients get the file too
     loaded = trimesh.load(done.header["glb"], force="mesh")
     assert len(loaded.faces) > 0 and Path(done.header["preview_png"]).exists()
     assert done.header["steps_per_second"] > 0

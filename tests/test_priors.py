@@ -26,8 +26,8 @@ from server.priors import (
     view_suffix_index,
 )
 from server.priors.base import BACK, FRONT, OVERHEAD, SIDE
+from server.priors.tiny import LATENT_SIZE, PIXEL_SIZE, sd_scheduler
 from server.sample import image_grid, sample_images
-from tests.tiny_models import LATENT_SIZE, PIXEL_SIZE, sd_scheduler
 
 
 @pytest.fixture(scope="module")

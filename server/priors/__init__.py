@@ -20,6 +20,7 @@ from server.priors.base import (
 )
 from server.priors.diffusers_prior import DiffusersPrior, resolve_weights
 from server.priors.empirical import EmpiricalPrior, caption_matches
+from server.priors.mvdream import MVDreamPrior, is_mvdream
 
 SHAPES_WEIGHTS = Path(__file__).resolve().parent.parent / "shapes" / "weights"
 
@@ -28,6 +29,7 @@ __all__ = [
     "VIEW_SUFFIXES",
     "DiffusersPrior",
     "EmpiricalPrior",
+    "MVDreamPrior",
     "MissingWeightsError",
     "Prior",
     "PromptEmbeddings",
@@ -40,9 +42,10 @@ __all__ = [
 
 
 def load_prior(spec: str, device: torch.device | str, dtype: torch.dtype, **options) -> Prior:
-    """The prior named by `spec`: "shapes" (the project's shipped prior), a local diffusers-layout
-    folder, or a Hugging Face hub id (e.g. "stabilityai/stable-diffusion-2-1-base", taken from the
-    cache when HF_HUB_OFFLINE=1). `options` go to `DiffusersPrior` (memory savers, variant, seed)."""
+    """The prior named by `spec`: "shapes" (the project's shipped prior), "mvdream" or anything else
+    `is_mvdream` recognises (MVDream's folder, checkpoint or hub id), a local diffusers-layout folder,
+    or a Hugging Face hub id (e.g. "stabilityai/stable-diffusion-2-1-base", taken from the cache when
+    HF_HUB_OFFLINE=1). `options` go to the prior (memory savers, variant, seed)."""
     if spec == "shapes":
         if not (SHAPES_WEIGHTS / "unet").is_dir():
             raise MissingWeightsError(
@@ -51,4 +54,6 @@ def load_prior(spec: str, device: torch.device | str, dtype: torch.dtype, **opti
                 "(`git checkout -- server/shapes/weights`) or train it with `python -m server.shapes.train`",
             )
         return DiffusersPrior(SHAPES_WEIGHTS, device, dtype, name="shapes", **options)
+    if is_mvdream(spec):
+        return MVDreamPrior(spec, device, dtype, **options)
     return DiffusersPrior(spec, device, dtype, **options)

@@ -114,8 +114,14 @@ class Prior:
         raise NotImplementedError
 
     def predict_eps(
-        self, x_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, uncond: torch.Tensor
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | int,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        c2w: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`c2w` [B, 4, 4]: the views' cameras, for priors conditioned on them (MVDream); others ignore it."""
         raise NotImplementedError
 
 

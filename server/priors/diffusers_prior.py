@@ -225,7 +225,12 @@ class DiffusersPrior(Prior):
 
     @torch.no_grad()
     def predict_eps(
-        self, x_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, uncond: torch.Tensor
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | int,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        c2w: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps_cond, eps_uncond) [B, C, h, w] in output_dtype from one UNet call on the 2B batch."""
         x_t = x_t.to(self.device)

@@ -102,7 +102,12 @@ class EmpiricalPrior(Prior):
 
     @torch.no_grad()
     def predict_eps(
-        self, x_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, uncond: torch.Tensor
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | int,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        c2w: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(eps_cond, eps_uncond) in output_dtype: exact scores of the caption-restricted and full sets."""
         x_t = x_t.to(self.device)

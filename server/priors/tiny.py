@@ -4,7 +4,7 @@ Same classes, same file layout (model_index.json, unet/, vae/, text_encoder/, to
 legacy vocab.json + merges.txt that real SD repos ship, scheduler/) as the real weights, so loading
 them exercises exactly the code path Stable Diffusion takes -- only the widths are tiny (a few MB,
 built in well under a second). Random init differs across library versions: tests built on these
-assert invariants, never golden numbers. Used by the tests (tests/tiny_models.py) and by
+assert invariants, never golden numbers. Used by the tests (fixtures in tests/conftest.py) and by
 `python -m server ddim-check`, hence in the server package.
 """
 
@@ -119,3 +119,121 @@ def build_tiny_sd(folder: Path, pixel_space: bool = False, seed: int = 0) -> Pat
             )
         )
     return folder
+
+
+# --- a tiny MVDream: the multi-view UNet in both released weight layouts --------------------------------
+
+
+def tiny_multiview_config() -> dict:
+    """A MultiViewUNetModel configuration with the keys of MVDream's unet/config.json, at tiny widths.
+
+    64-channel heads as MVDream's, because a bare checkpoint carries no head size and the loader
+    assumes MVDream's; 64 and 128 channels because MVDream's GroupNorm has 32 groups.
+    """
+    return {
+        "_class_name": "MultiViewUNetModel",
+        "image_size": LATENT_SIZE,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 64,
+        "attention_resolutions": [1, 2],
+        "num_res_blocks": 1,
+        "channel_mult": [1, 2],
+        "num_head_channels": 64,
+        "transformer_depth": 1,
+        "context_dim": TEXT_DIM,
+        "camera_dim": 16,
+        "use_checkpoint": False,
+    }
+
+
+def tiny_multiview_unet(seed: int = 0) -> UNet2DConditionModel:
+    """The tiny MVDream UNet as diffusers builds it, randomly initialised from `seed`."""
+    from server.priors.mvdream import diffusers_unet_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**diffusers_unet_config(tiny_multiview_config()))
+
+
+LDM_RESNET_PARTS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def ldm_unet_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The UNet's tensors under the LDM names of MVDream's checkpoints, written out from LDM's layout
+    (input_blocks / middle_block / output_blocks numbering) rather than by inverting diffusers'
+    converter, which the loader uses: tests of the loader then check one against the other."""
+    n = unet.config.layers_per_block
+    blocks = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "class_embedding.linear_1": "camera_embed.0",
+        "class_embedding.linear_2": "camera_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "mid_block.resnets.0": "middle_block.0",
+        "mid_block.attentions.0": "middle_block.1",
+        "mid_block.resnets.1": "middle_block.2",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
+    for level, up in enumerate(unet.up_blocks):
+        for r in range(n):
+            blocks[f"down_blocks.{level}.resnets.{r}"] = f"input_blocks.{1 + level * (n + 1) + r}.0"
+            blocks[f"down_blocks.{level}.attentions.{r}"] = f"input_blocks.{1 + level * (n + 1) + r}.1"
+        blocks[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{(level + 1) * (n + 1)}.0.op"
+        for r in range(n + 1):
+            blocks[f"up_blocks.{level}.resnets.{r}"] = f"output_blocks.{level * (n + 1) + r}.0"
+            blocks[f"up_blocks.{level}.attentions.{r}"] = f"output_blocks.{level * (n + 1) + r}.1"
+        upsampler_slot = 2 if getattr(up, "attentions", None) else 1
+        blocks[f"up_blocks.{level}.upsamplers.0.conv"] = (
+            f"output_blocks.{level * (n + 1) + n}.{upsampler_slot}.conv"
+        )
+    state = {}
+    for key, value in unet.state_dict().items():
+        parts = key.split(".")
+        block = next(
+            ".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1) if ".".join(parts[:k]) in blocks
+        )
+        rest = parts[len(block.split(".")) :]
+        if ".resnets." in block:
+            rest = [*LDM_RESNET_PARTS[rest[0]].split("."), *rest[1:]]
+        state[".".join([blocks[block], *rest])] = value.detach().clone()
+    return state
+
+
+def build_tiny_mvdream(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny random MVDream in both released layouts; returns (diffusers folder, checkpoint file).
+
+    `folder/diffusers` is laid out like ashawkey/mvdream-sd2.1-diffusers: the tiny SD text encoder,
+    tokenizer, VAE and scheduler, and unet/ with a MultiViewUNetModel config.json and LDM-named
+    safetensors. `folder/original/tiny-4view.pt` is laid out like MVDream/MVDream's checkpoint: one
+    LDM state dict, the UNet under "model.diffusion_model." next to VAE and text-encoder tensors.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    pipeline = build_tiny_sd(folder / "diffusers", seed=seed)
+    for old in (pipeline / "unet").iterdir():
+        old.unlink()
+    state = ldm_unet_state(tiny_multiview_unet(seed))
+    (pipeline / "unet" / "config.json").write_text(json.dumps(tiny_multiview_config(), indent=2))
+    save_file(state, pipeline / "unet" / "diffusion_pytorch_model.safetensors")
+    index = json.loads((pipeline / "model_index.json").read_text())
+    index.update(_class_name="MVDreamPipeline", unet=["mv_unet", "MultiViewUNetModel"])
+    (pipeline / "model_index.json").write_text(json.dumps(index, indent=2))
+
+    checkpoint = folder / "original" / "tiny-4view.pt"
+    checkpoint.parent.mkdir(parents=True)
+    others = {
+        "first_stage_model.encoder.conv_in.weight": torch.zeros(8, 3, 3, 3),
+        "cond_stage_model.model.positional_embedding": torch.zeros(MAX_TOKENS, TEXT_DIM),
+    }
+    torch.save({**{"model.diffusion_model." + k: v for k, v in state.items()}, **others}, checkpoint)
+    return pipeline, checkpoint
