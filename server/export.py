@@ -19,6 +19,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import fast_simplification
@@ -215,7 +216,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _png_bytes(texture: np.ndarray) -> bytes:
+def png_bytes(texture: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(texture, np.uint8), "RGB").save(buffer, format="PNG")
     return buffer.getvalue()
@@ -293,30 +294,37 @@ def export_obj(
         "Ka 0 0 0\nKd 1 1 1\nKs 0 0 0\nNs 10\nd 1\nillum 1\n"
         f"map_Kd {paths['png'].name}\n"
     )
-    _write_atomic(paths["png"], _png_bytes(texture))
+    _write_atomic(paths["png"], png_bytes(texture))
     _write_atomic(paths["mtl"], mtl.encode())
     _write_atomic(paths["obj"], text.getvalue().encode())
     return paths
 
 
-def bake_and_export(
+@dataclass(frozen=True)
+class UVAtlas:
+    """A mesh cleaned, decimated and unwrapped once, to be baked as often as its colours change
+    (the server bakes milestone textures of the frozen geometry and the final asset from one atlas)."""
+
+    vertices: np.ndarray  # [N, 3] welded
+    faces_uv: np.ndarray  # [F, 3] into the UV vertices
+    uvs: np.ndarray  # [M, 2]
+    vmapping: np.ndarray  # [M] UV vertex -> welded vertex
+    texture_size: int
+    stats: dict
+
+    def bake(self, color_fn: ColorFn) -> tuple[np.ndarray, np.ndarray]:
+        return bake(self.vertices, self.faces_uv, self.uvs, self.vmapping, color_fn, self.texture_size)
+
+
+def prepare_atlas(
     vertices: np.ndarray,
     faces: np.ndarray,
-    color_fn: ColorFn,
-    out_dir: str | Path,
     texture_size: int = 1024,
     target_faces: int = 20000,
     padding: int = 2,
     min_component_fraction: float = 0.02,
-    name: str = "asset",
-    write_obj: bool = True,
-) -> dict:
-    """The whole export for the server: clean, decimate, unwrap, bake, write GLB (+ OBJ/MTL/PNG).
-
-    Returns {"glb": Path, "obj"/"mtl"/"png": Path (if write_obj), "stats": {...}} where stats holds
-    the face/vertex counts after each stage, texture coverage and per-stage seconds.
-    """
-    out_dir = Path(out_dir)
+) -> UVAtlas:
+    """Clean, decimate and unwrap; `stats` holds the face/vertex counts and per-stage seconds."""
     seconds: dict[str, float] = {}
     stats: dict = {"faces_in": len(faces), "seconds": seconds}
 
@@ -337,11 +345,39 @@ def bake_and_export(
     vmapping, faces_uv, uvs = unwrap(vertices, faces, texture_size, padding)
     seconds["unwrap"] = time.perf_counter() - start
     stats["uv_vertices"] = len(vmapping)
+    return UVAtlas(vertices, faces_uv, uvs, vmapping, texture_size, stats)
+
+
+def bake_and_export(
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    color_fn: ColorFn,
+    out_dir: str | Path,
+    texture_size: int = 1024,
+    target_faces: int = 20000,
+    padding: int = 2,
+    min_component_fraction: float = 0.02,
+    name: str = "asset",
+    write_obj: bool = True,
+    atlas: UVAtlas | None = None,
+) -> dict:
+    """The whole export for the server: clean, decimate, unwrap (or take `atlas`, prepared from
+    this mesh before), bake, write GLB (+ OBJ/MTL/PNG).
+
+    Returns {"glb": Path, "obj"/"mtl"/"png": Path (if write_obj), "stats": {...}} where stats holds
+    the face/vertex counts after each stage, texture coverage and per-stage seconds.
+    """
+    out_dir = Path(out_dir)
+    if atlas is None:
+        atlas = prepare_atlas(vertices, faces, texture_size, target_faces, padding, min_component_fraction)
+    stats = {**atlas.stats, "seconds": dict(atlas.stats["seconds"])}
+    seconds = stats["seconds"]
+    vertices, faces_uv, uvs, vmapping = atlas.vertices, atlas.faces_uv, atlas.uvs, atlas.vmapping
 
     start = time.perf_counter()
-    texture, covered = bake(vertices, faces_uv, uvs, vmapping, color_fn, texture_size)
+    texture, covered = atlas.bake(color_fn)
     seconds["bake"] = time.perf_counter() - start
-    stats["texture_size"] = texture_size
+    stats["texture_size"] = atlas.texture_size
     stats["coverage"] = float(covered.mean())
 
     start = time.perf_counter()

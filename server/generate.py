@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -264,7 +265,7 @@ def run_job(
     should_cancel: Callable[[], bool],
 ) -> JobResult:
     """Optimise, then bake and export. Raises `Cancelled` within one step of `should_cancel()`."""
-    from server.export import bake_and_export
+    from server.export import bake_and_export, png_bytes, prepare_atlas
 
     start = time.perf_counter()
     opt = OPTIMISATION
@@ -302,6 +303,12 @@ def run_job(
     noise = noise_provider(method, spec.seed, device)
     cameras = CameraSource(spec, rng)
     geometry_steps = int(opt.geometry_fraction * spec.steps)
+    milestones = texture_milestones(geometry_steps, spec.steps)
+    atlas = None
+
+    def color_fn(points: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return texture(torch.from_numpy(points).float().to(device)).cpu().numpy()
 
     for step in range(spec.steps):
         if should_cancel():
@@ -365,6 +372,15 @@ def run_job(
         noise.reinject(spec.gamma)
         if shaping and step % opt.island_cleanup_every == opt.island_cleanup_every - 1:
             geometry.remove_small_islands(optimizer=optimizer)
+        if step + 1 in milestones:
+            if atlas is None:  # the geometry is final from here on: unwrap it once, for the asset too
+                with torch.no_grad():
+                    final = geometry()
+                atlas = prepare_atlas(
+                    final.vertices.cpu().numpy(), final.faces.cpu().numpy(), spec.texture_size, TARGET_FACES
+                )
+            baked, _ = atlas.bake(color_fn)
+            events.texture(step + 1, png_bytes(baked), spec.texture_size, spec.texture_size)
 
         elapsed = time.perf_counter() - start
         eta = elapsed / (step + 1) * (spec.steps - step - 1)
@@ -383,14 +399,16 @@ def run_job(
         raise Cancelled(spec.steps)
     with torch.no_grad():
         mesh = geometry()
+    export = partial(bake_and_export, atlas=atlas)
+    return write_asset(spec, mesh.vertices.cpu(), mesh.faces.cpu(), color_fn, texture, events, start, export)
 
-    def color_fn(points: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return texture(torch.from_numpy(points).float().to(device)).cpu().numpy()
 
-    return write_asset(
-        spec, mesh.vertices.cpu(), mesh.faces.cpu(), color_fn, texture, events, start, bake_and_export
-    )
+def texture_milestones(geometry_steps: int, steps: int, count: int = 3) -> set[int]:
+    """Steps after which a baked texture is streamed: when the geometry freezes, then evenly through
+    the colour-only phase (the final texture comes with the asset)."""
+    if not 0 < geometry_steps < steps:
+        return set()
+    return {geometry_steps + (steps - geometry_steps) * k // count for k in range(count)} - {steps}
 
 
 def write_asset(

@@ -31,7 +31,7 @@ class Recorder:
     """Collects what a job reports, as the server's JobEvents would send it."""
 
     def __init__(self):
-        self.updates, self.meshes, self.textures = [], [], []
+        self.updates, self.meshes, self.textures, self.texture_steps = [], [], [], []
 
     def progress(self, *args, **kwargs):
         self.updates.append(args)
@@ -44,6 +44,7 @@ class Recorder:
 
     def texture(self, step, png, width, height, final=False):
         self.textures.append((png, width, height, final))
+        self.texture_steps.append(step)
 
 
 def run(tmp_path: Path, seed: int, **settings):
@@ -83,8 +84,20 @@ def test_outputs_are_complete_and_self_describing(tmp_path: Path):
     assert preview.width > preview.height  # several views side by side
     png, width, height, final = events.textures[-1]
     assert final and Image.open(io.BytesIO(png)).size == (width, height) == (128, 128)
+    # Milestone textures from the geometry's freeze on (step 4 of 6), then the asset's own.
+    assert events.texture_steps == [4, 5, 6] and [t[3] for t in events.textures] == [False, False, True]
+    assert all(Image.open(io.BytesIO(t[0])).size == (128, 128) for t in events.textures)
     steps = [p[0] for p in events.updates]
     assert steps == list(range(1, QUICK["steps"] + 1))
+
+
+def test_texture_milestones_start_at_the_geometry_freeze_and_spread_over_the_colour_phase():
+    from server.generate import texture_milestones
+
+    assert texture_milestones(300, 400) == {300, 333, 366}
+    assert texture_milestones(4, 6) == {4, 5}
+    assert texture_milestones(0, 1) == set() and texture_milestones(5, 5) == set()
+    assert all(300 <= m < 400 for m in texture_milestones(300, 400))
 
 
 def test_cancel_stops_within_a_step(tmp_path: Path):
