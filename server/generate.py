@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from server import __version__
 from server.cameras import OrbitRig
@@ -495,9 +495,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
     parser.add_argument("--variants", type=int, default=1, help="re-roll N seeds (seed, seed+1, ...)")
     parser.add_argument("--method", choices=[m.value for m in Method], default=None)
-    parser.add_argument("--prior", default=None, help='"shapes" (default), a local folder or a hub id')
+    parser.add_argument(
+        "--prior",
+        default=None,
+        help='"shapes" (default), "mvdream", a folder, a checkpoint or a hub id',
+    )
+    parser.add_argument(
+        "--chain-prior",
+        default=None,
+        help="a prior that takes over at --chain-at (SD after MVDream)",
+    )
+    parser.add_argument("--chain-at", type=float, default=None, help="fraction of the steps (default 0.5)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--render-size", type=int, default=None)
+    parser.add_argument("--grid-resolution", type=int, default=None, help="DMTet cells per axis (default 32)")
+    parser.add_argument("--texture-size", type=int, default=None)
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default=None)
@@ -511,7 +523,20 @@ def spec_from_args(args: argparse.Namespace, seed: int) -> JobSpec:
         "seed": seed,
         "output_dir": str(args.out),
     }
-    for key in ("method", "prior", "steps", "render_size", "guidance_scale", "device", "precision"):
+    keys = (
+        "method",
+        "prior",
+        "chain_prior",
+        "chain_at",
+        "steps",
+        "render_size",
+        "grid_resolution",
+        "texture_size",
+        "guidance_scale",
+        "device",
+        "precision",
+    )
+    for key in keys:
         value = getattr(args, key)
         if value is not None:
             fields[key] = value
@@ -519,13 +544,15 @@ def spec_from_args(args: argparse.Namespace, seed: int) -> JobSpec:
 
 
 def variant_grid(previews: list[Path], seeds: list[int], path: Path) -> None:
-    """One row per variant (its preview views), so re-rolls can be compared at a glance."""
+    """One row per variant (its preview views, labelled with its seed), so re-rolls can be compared."""
     images = [Image.open(p).convert("RGB") for p in previews]
     width = max(i.width for i in images)
     canvas = Image.new("RGB", (width, sum(i.height for i in images)), "white")
+    draw = ImageDraw.Draw(canvas)
     y = 0
-    for image in images:
+    for image, seed in zip(images, seeds, strict=True):
         canvas.paste(image, (0, y))
+        draw.text((4, y + 4), f"seed {seed}", fill=(0, 0, 0))
         y += image.height
     canvas.save(path)
 
@@ -534,9 +561,13 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [args.seed + i for i in range(max(1, args.variants))]
+    try:
+        specs = [spec_from_args(args, seed) for seed in seeds]
+    except JobSpecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     results = []
-    for seed in seeds:
-        spec = spec_from_args(args, seed)
+    for seed, spec in zip(seeds, specs, strict=True):
         bar = ProgressBar(f"seed {seed}", spec.steps)
         try:
             results.append(run_job(spec, None, bar, lambda: False))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -167,3 +168,39 @@ def test_cancel_is_prompt_and_a_killed_server_is_seen(server: ServerProcess):
     server.kill()
     with pytest.raises(ConnectionClosed):
         server.wait_for("done", 10)
+
+
+def test_the_command_line_rerolls_variants_into_assets_and_a_grid(tmp_path: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "server", "generate", "--prompt", "a red cube", "--seed", "5"]
+    quick = ["--steps", "4", "--grid-resolution", "12", "--render-size", "32", "--texture-size", "128"]
+    done = subprocess.run(
+        [*command, *quick, "--variants", "2", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    variants = result["variants"]
+    assert len(variants) == 2
+    for seed, variant in zip((5, 6), variants, strict=True):
+        assert {"glb", "preview_png", "job_json", "seconds", "steps_per_second"} <= set(variant)
+        assert json.loads(Path(variant["job_json"]).read_text())["seed"] == seed
+        assert len(trimesh.load(variant["glb"], force="mesh").faces) > 0
+    grid = Image.open(result["grid_png"])
+    preview = Image.open(variants[0]["preview_png"])
+    assert grid.size == (preview.width, 2 * preview.height)
+
+    refused = subprocess.run(
+        [*command, "--steps", "0", "--out", str(tmp_path / "bad")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and "steps" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "bad").exists()
