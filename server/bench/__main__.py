@@ -14,6 +14,10 @@ import sys
 BENCHMARKS = {
     "noise": "noise providers: ms per view, peak memory, i.i.d. statistics, cross-view consistency",
     "prior": "prior cost per step: shapes CFG call, SD 2.1-sized UNet CFG call, SD VAE encode fwd+bwd",
+    "render": "render and marching tets fwd+bwd per step at 64^2..256^2, grids 32/64; --fit: proof fit",
+    "quality": "SDS vs FSD vs CFD on the shapes prior: IoU, colour error, distinct modes, render diversity",
+    "step": "one step's time by stage (shapes prior, SD-2.1-sized prior), CFD vs SDS, peak memory, latency",
+    "latency": "submission to first preview on a warm server; preview arrival to display in Blender",
 }
 
 
