@@ -1,7 +1,8 @@
 """What the geometry side of one optimisation step costs: `python -m server.bench render [--json]`.
 
-Two timings per DMTet grid (Kuhn n = 32, the CPU default of `server.job.JobSpec.grid_resolution`, and
-n = 64), on a bumpy sphere's SDF with a fresh texture field, one view:
+Two timings per DMTet grid (Kuhn n = 32, the CPU default of `server.job.JobSpec.grid_resolution`,
+n = 64 and threestudio's n = 128, about 275k vertices; `--grids` picks), on a bumpy sphere's SDF with
+a fresh texture field, one view:
 - render forward + backward at 64^2, 128^2 and 256^2: `render_mesh` (lambertian, texture field) of the
   extracted mesh, then the backward pass to the mesh vertices and the texture field's parameters;
 - marching tets forward + backward: mesh extraction and the backward pass to the SDF and deformation.
@@ -36,7 +37,7 @@ from server.tetgrid import kuhn_grid
 from server.texture_field import TextureField
 
 SIZES = (64, 128, 256)
-GRIDS = (JobSpec.grid_resolution, 64)
+GRIDS = (JobSpec.grid_resolution, 64, 128)
 
 
 def bumpy_sphere(n: int, device: torch.device) -> DMTet:
@@ -92,11 +93,12 @@ def grid_figures(n: int, device: torch.device, repeats: int) -> dict:
     return figures
 
 
-def timings(device: torch.device, repeats: int) -> dict:
+def timings(device: torch.device, repeats: int, sizes: tuple[int, ...] = GRIDS) -> dict:
+    """Figures per grid in `sizes` (cells per axis); the default grid's are also the headline keys."""
     result = {"device": str(device), "threads": torch.get_num_threads(), "default_grid": GRIDS[0]}
     grids = {}
     print(f"{'grid':>6} {'mesh faces':>10} " + " ".join(f"{f'{s}^2 ms':>10}" for s in SIZES) + "  march ms")
-    for n in GRIDS:
+    for n in dict.fromkeys((GRIDS[0], *sizes)):
         figures = grid_figures(n, device, repeats)
         grids[str(n)] = figures
         print(
@@ -135,6 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
+    parser.add_argument(
+        "--grids", default=",".join(map(str, GRIDS)), help="DMTet cells per axis to time, comma-separated"
+    )
     parser.add_argument("--fit", action="store_true", help="run the proof fit instead of the timings")
     parser.add_argument("--steps", type=int, default=400, help="--fit: optimisation steps")
     parser.add_argument("--grid", type=int, default=32, help="--fit: DMTet cells per axis")
@@ -158,7 +163,7 @@ def main(args: argparse.Namespace) -> int:
         print(
             f"render and marching tets, forward + backward, one view, on {device}, {args.threads} thread(s):"
         )
-        result = timings(device, args.repeats)
+        result = timings(device, args.repeats, tuple(int(n) for n in args.grids.split(",")))
         ok = all(math.isfinite(v) for k, v in result.items() if k.startswith("ms_"))
     if args.json:
         print(json.dumps(result))

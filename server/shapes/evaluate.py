@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     args.png.parent.mkdir(parents=True, exist_ok=True)
     grid = image_grid(torch.cat(rows), columns=args.samples * 4)
     grid.resize((grid.width * 3, grid.height * 3), 0).save(args.png)
-    training = json.loads((Path(__file__).parent / "weights" / "training.json").read_text())
+    folder = Path(__file__).parent / "weights" if args.prior == "shapes" else Path(args.prior)
+    record = folder / "training.json"
+    training = json.loads(record.read_text()) if record.is_file() else {}
     summary = {
         "prior": args.prior,
         "training_steps": training.get("steps"),
