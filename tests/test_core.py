@@ -98,7 +98,7 @@ class LinearPrior:
     def __init__(self, a: float, b_cond: float, b_uncond: float):
         self.a, self.b_cond, self.b_uncond = a, b_cond, b_uncond
 
-    def predict_eps(self, x_t, t, cond, uncond):
+    def predict_eps(self, x_t, t, cond, uncond, c2w=None):
         return self.a * x_t + self.b_cond, self.a * x_t + self.b_uncond
 
 
@@ -124,7 +124,7 @@ def test_nan_predictions_are_zeroed_and_counted_and_all_nan_is_an_error():
         def __init__(self, fraction_nan):
             self.fraction_nan = fraction_nan
 
-        def predict_eps(self, x_t, t, cond, uncond):
+        def predict_eps(self, x_t, t, cond, uncond, c2w=None):
             eps = torch.zeros_like(x_t)
             flat = eps.view(-1)
             flat[: int(self.fraction_nan * flat.numel())] = float("nan")
