@@ -20,9 +20,9 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,8 @@ from PIL import Image, ImageDraw
 from server import __version__
 from server.cameras import OrbitRig
 from server.distill import CFGForm, Method, Weighting, distillation_step
-from server.dmtet import DMTet
+from server.dmtet import DMTet, TriangleMesh
+from server.export import UVAtlas, bake_and_export, png_bytes, prepare_atlas
 from server.job import Cancelled, JobSpec, JobSpecError, NonFiniteError
 from server.mvdream_cameras import MultiViewRig
 from server.noise import FreshNoise, NoiseProvider, NoiseQuery
@@ -42,9 +43,6 @@ from server.render import render_mesh
 from server.schedule import AnnealedTimesteps, NoiseSchedule, RandomTimesteps
 from server.tetgrid import kuhn_grid
 from server.texture_field import TextureField
-
-# Fraction of the steps after which the geometry is frozen and only the colour keeps moving: the
-# baked texture then belongs to exactly the mesh the user watched settle.
 
 
 @dataclass(frozen=True)
@@ -258,19 +256,65 @@ def render_preview(
     return Image.fromarray((row.numpy() * 255).round().astype(np.uint8))
 
 
-def run_job(
-    spec: JobSpec,
-    init_mesh: tuple[np.ndarray, np.ndarray] | None,
-    events: Events,
-    should_cancel: Callable[[], bool],
-) -> JobResult:
-    """Optimise, then bake and export. Raises `Cancelled` within one step of `should_cancel()`."""
-    from server.export import bake_and_export, png_bytes, prepare_atlas
+class StepTimer:
+    """Where a step's time goes: books nothing here; `server.bench.step` times each stage through it."""
 
-    start = time.perf_counter()
+    def __call__(self, stage: str) -> AbstractContextManager:
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor, marks: list[tuple[torch.Tensor, str]], last: str) -> None:
+        """`loss.backward()`; `marks` name the tensors where the backward pass changes stage."""
+        loss.backward()
+
+
+UNTIMED = StepTimer()
+
+
+@dataclass
+class JobState:
+    """Everything a job's optimisation carries from step to step."""
+
+    spec: JobSpec
+    stages: list[PriorStage]
+    device: torch.device
+    geometry: DMTet
+    texture: TextureField
+    optimizer: torch.optim.Optimizer
+    timesteps: AnnealedTimesteps | RandomTimesteps
+    noise: NoiseProvider
+    cameras: CameraSource
+    generator: torch.Generator
+    geometry_steps: int  # then the geometry freezes and only the colour keeps moving
+    milestones: set[int]  # steps after which a texture is baked and streamed
+    atlas: UVAtlas | None = None  # the frozen geometry, unwrapped once, for milestones and the asset
+
+    def color_fn(self, points: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.texture(torch.from_numpy(points).float().to(self.device)).cpu().numpy()
+
+
+@dataclass
+class StepOutcome:
+    mesh: TriangleMesh
+    loss: float
+    t: float
+    shaping: bool
+    texture_png: bytes | None  # a milestone texture, baked after this step
+
+
+def start_job(
+    spec: JobSpec, init_mesh: tuple[np.ndarray, np.ndarray] | None, prior: Prior | None = None
+) -> JobState:
+    """A job's set-up: priors, geometry, colour field, optimiser, timesteps, noise and cameras, all
+    seeded by the job. `prior` replaces the priors the spec names (a benchmark's in-memory model)."""
     opt = OPTIMISATION
     device = resolve_device(spec.device)
-    stages = prior_stages(spec, device)
+    if prior is None:
+        stages = prior_stages(spec, device)
+    else:
+        view_dependent = getattr(prior, "view_dependent", False)
+        embeddings = prior.encode_prompt(spec.prompt, spec.negative_prompt, view_dependent=view_dependent)
+        stages = [PriorStage(prior, embeddings, NoiseSchedule.of(prior), spec.steps)]
     method = Method(spec.method)
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
@@ -284,7 +328,6 @@ def run_job(
     else:
         geometry.init_sphere(0.5)
     texture = TextureField(device=device)
-    geometry_params = [geometry.sdf, geometry.deformation]
     optimizer = torch.optim.Adam(
         [
             {"params": [geometry.sdf], "lr": opt.sdf_lr},
@@ -294,46 +337,62 @@ def run_job(
         betas=(0.9, 0.99),
         eps=1e-15,
     )
-
     timesteps = (
         RandomTimesteps(20, 980)
         if method == Method.SDS
         else AnnealedTimesteps(tuple((float(f), float(t)) for f, t in spec.timestep_knots))
     )
-    noise = noise_provider(method, spec.seed, device)
-    cameras = CameraSource(spec, rng)
     geometry_steps = int(opt.geometry_fraction * spec.steps)
-    milestones = texture_milestones(geometry_steps, spec.steps)
-    atlas = None
+    return JobState(
+        spec=spec,
+        stages=stages,
+        device=device,
+        geometry=geometry,
+        texture=texture,
+        optimizer=optimizer,
+        timesteps=timesteps,
+        noise=noise_provider(method, spec.seed, device),
+        cameras=CameraSource(spec, rng),
+        generator=generator,
+        geometry_steps=geometry_steps,
+        milestones=texture_milestones(geometry_steps, spec.steps),
+    )
 
-    def color_fn(points: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return texture(torch.from_numpy(points).float().to(device)).cpu().numpy()
 
-    for step in range(spec.steps):
-        if should_cancel():
-            raise Cancelled(step)
-        shaping = step < geometry_steps
-        if step == geometry_steps:
-            for p in geometry_params:
-                p.requires_grad_(False)
-        stage = next(stage for stage in stages if step < stage.until)
-        prior = stage.prior
+def optimisation_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepOutcome:
+    """One step: render a batch of views, encode them, draw eps_tilde from the method's noise, apply
+    the flow gradient (plus the geometry's regularisers) through the renderer, re-inject noise.
+
+    The backward pass runs the nodes created last first: regularisers, encoder (to the pixels),
+    renderer (to the mesh vertices), marching tets (to the SDF and the deformation).
+    """
+    opt, spec, device, geometry = OPTIMISATION, state.spec, state.device, state.geometry
+    shaping = step < state.geometry_steps
+    if step == state.geometry_steps:
+        for p in (geometry.sdf, geometry.deformation):
+            p.requires_grad_(False)
+    stage = next(stage for stage in state.stages if step < stage.until)
+    prior = stage.prior
+
+    with timer("marching_tets"):
         mesh = geometry()
+    with timer("render"):
         # A multi-view prior's views of one group share one timestep and one surface-attached noise
         # query, which is what its cross-view attention expects.
-        c2w, fovy, elevation, azimuth = cameras.sample(spec.batch_size, stage.views_per_group)
+        c2w, fovy, elevation, azimuth = state.cameras.sample(spec.batch_size, stage.views_per_group)
         view = render_mesh(
             mesh.vertices,
             mesh.faces,
             c2w.to(device),
             fovy.to(device),
             spec.render_size,
-            color_fn=texture,
-            generator=generator,
+            color_fn=state.texture,
+            generator=state.generator,
         )
+    with timer("encode"):
         latents = prior.encode_images(view.rgb)
-        eps_tilde = noise.sample(
+    with timer("noise"):
+        eps_tilde = state.noise.sample(
             NoiseQuery(
                 (prior.latent_size, prior.latent_size),
                 prior.latent_channels,
@@ -343,7 +402,8 @@ def run_job(
                 view.opacity.detach(),
             )
         )
-        t = timesteps(step, spec.steps, generator)
+    t = state.timesteps(step, spec.steps, state.generator)
+    with timer("network"):
         flow = distillation_step(
             prior,
             latents,
@@ -357,6 +417,7 @@ def run_job(
             opt.weighting,
             c2w=view.c2w,
         )
+    with timer("regularisers"):
         loss = flow.loss / len(c2w)
         if shaping:
             anneal = max(0.0, 1.0 - step / (0.5 * spec.steps))
@@ -364,30 +425,60 @@ def run_job(
             loss = loss + opt.normal_weight * normal_consistency(mesh)
             loss = loss + opt.laplacian_weight * laplacian_smoothness(mesh)
             loss = loss + sign_weight * sdf_sign_change(geometry.sdf, geometry.edges)
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"the loss became {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        noise.reinject(spec.gamma)
-        if shaping and step % opt.island_cleanup_every == opt.island_cleanup_every - 1:
-            geometry.remove_small_islands(optimizer=optimizer)
-        if step + 1 in milestones:
-            if atlas is None:  # the geometry is final from here on: unwrap it once, for the asset too
-                with torch.no_grad():
-                    final = geometry()
-                atlas = prepare_atlas(
-                    final.vertices.cpu().numpy(), final.faces.cpu().numpy(), spec.texture_size, TARGET_FACES
-                )
-            baked, _ = atlas.bake(color_fn)
-            events.texture(step + 1, png_bytes(baked), spec.texture_size, spec.texture_size)
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"the loss became {loss.item()} at step {step}")
+    state.optimizer.zero_grad(set_to_none=True)
+    marks = [(latents, "regularisers"), (view.rgb, "encode_backward"), (mesh.vertices, "render_backward")]
+    timer.backward(loss, marks, "marching_tets_backward")
+    with timer("optimiser"):
+        state.optimizer.step()
+    with timer("noise"):
+        state.noise.reinject(spec.gamma)
+    if shaping and step % opt.island_cleanup_every == opt.island_cleanup_every - 1:
+        with timer("island_cleanup"):
+            geometry.remove_small_islands(optimizer=state.optimizer)
+    texture_png = None
+    if step + 1 in state.milestones:
+        with timer("texture_bake"):
+            texture_png = bake_milestone(state)
+    return StepOutcome(mesh, loss.item(), t, shaping, texture_png)
 
+
+def bake_milestone(state: JobState) -> bytes:
+    """The colour field baked into the frozen geometry's UV atlas (unwrapped at the first milestone)."""
+    if state.atlas is None:
+        with torch.no_grad():
+            final = state.geometry()
+        state.atlas = prepare_atlas(
+            final.vertices.cpu().numpy(), final.faces.cpu().numpy(), state.spec.texture_size, TARGET_FACES
+        )
+    baked, _ = state.atlas.bake(state.color_fn)
+    return png_bytes(baked)
+
+
+def run_job(
+    spec: JobSpec,
+    init_mesh: tuple[np.ndarray, np.ndarray] | None,
+    events: Events,
+    should_cancel: Callable[[], bool],
+) -> JobResult:
+    """Optimise, then bake and export. Raises `Cancelled` within one step of `should_cancel()`."""
+    start = time.perf_counter()
+    state = start_job(spec, init_mesh)
+    for step in range(spec.steps):
+        if should_cancel():
+            raise Cancelled(step)
+        outcome = optimisation_step(state, step)
+        if outcome.texture_png is not None:
+            events.texture(step + 1, outcome.texture_png, spec.texture_size, spec.texture_size)
         elapsed = time.perf_counter() - start
         eta = elapsed / (step + 1) * (spec.steps - step - 1)
-        events.progress(step + 1, spec.steps, "shape" if shaping else "texture", t, loss.item(), eta, elapsed)
+        stage = "shape" if outcome.shaping else "texture"
+        events.progress(step + 1, spec.steps, stage, outcome.t, outcome.loss, eta, elapsed)
         if events.preview_due() or step == spec.steps - 1:
+            mesh = outcome.mesh
             with torch.no_grad():
-                colors = (texture(mesh.vertices) * 255).round().to(torch.uint8)
+                colors = (state.texture(mesh.vertices) * 255).round().to(torch.uint8)
             events.preview_mesh(
                 step + 1,
                 mesh.vertices.detach().cpu().numpy().astype(np.float32),
@@ -398,9 +489,10 @@ def run_job(
     if should_cancel():
         raise Cancelled(spec.steps)
     with torch.no_grad():
-        mesh = geometry()
-    export = partial(bake_and_export, atlas=atlas)
-    return write_asset(spec, mesh.vertices.cpu(), mesh.faces.cpu(), color_fn, texture, events, start, export)
+        mesh = state.geometry()
+    return write_asset(
+        spec, mesh.vertices.cpu(), mesh.faces.cpu(), state.color_fn, state.texture, events, start, state.atlas
+    )
 
 
 def texture_milestones(geometry_steps: int, steps: int, count: int = 3) -> set[int]:
@@ -419,7 +511,7 @@ def write_asset(
     texture,
     events: Events,
     start: float,
-    bake_and_export,
+    atlas: UVAtlas | None = None,
 ) -> JobResult:
     """Everything is written into a staging folder that is renamed into place only when complete."""
     root = Path(spec.output_dir).expanduser()
@@ -436,6 +528,7 @@ def write_asset(
             texture_size=spec.texture_size,
             target_faces=TARGET_FACES,
             name=slug(spec.prompt),
+            atlas=atlas,
         )
         texture_png = Path(exported["png"])
         with Image.open(texture_png) as image:

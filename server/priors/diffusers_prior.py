@@ -143,17 +143,7 @@ class DiffusersPrior(Prior):
         has_vae = (self.folder / "vae").is_dir()
         self.vae = AutoencoderKL.from_pretrained(self.folder / "vae", **load) if has_vae else None
         self.scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(self.folder / "scheduler"))
-        for module in self.modules():
-            module.eval().requires_grad_(False)
-
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.to("cpu", torch.float64)
-        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
-        self.prediction_type = self.scheduler.config.prediction_type
-        self.latent_channels = int(self.unet.config.in_channels)
-        self.latent_size = int(self.unet.config.sample_size)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1
-        self.pixel_size = self.latent_size * self.vae_scale_factor
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._freeze_and_describe(seed)
         # DreamFusion-style view suffixes help Stable Diffusion; the pixel-space shapes prior never saw them.
         self.view_dependent = self.vae is not None if view_dependent is None else view_dependent
 
@@ -170,6 +160,19 @@ class DiffusersPrior(Prior):
         else:
             for module in self.modules():
                 module.to(self.device)
+
+    def _freeze_and_describe(self, seed: int) -> None:
+        """Frozen eval-mode networks, and the attributes of `Prior` read off the loaded models."""
+        for module in self.modules():
+            module.eval().requires_grad_(False)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to("cpu", torch.float64)
+        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.prediction_type = self.scheduler.config.prediction_type
+        self.latent_channels = int(self.unet.config.in_channels)
+        self.latent_size = int(self.unet.config.sample_size)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1
+        self.pixel_size = self.latent_size * self.vae_scale_factor
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.text_encoder, self.unet, self.vae) if m is not None]

@@ -409,17 +409,7 @@ class MVDreamPrior(DiffusersPrior):
         # MVDream predicts epsilon whatever the scheduler folder says (SD 2.1 768-v would say v).
         scheduler_config = DDIMScheduler.load_config(components / "scheduler")
         self.scheduler = DDIMScheduler.from_config(scheduler_config, prediction_type="epsilon")
-        for module in self.modules():
-            module.eval().requires_grad_(False)
-
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.to("cpu", torch.float64)
-        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
-        self.prediction_type = "epsilon"
-        self.latent_channels = int(self.unet.config.in_channels)
-        self.latent_size = int(self.unet.config.sample_size)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.pixel_size = self.latent_size * self.vae_scale_factor
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._freeze_and_describe(seed)
         self.view_dependent = False
 
         if attention_slicing:

@@ -1,0 +1,256 @@
+"""The waits a user feels: `python -m server.bench latency [--json]`.
+
+1. Submission to first preview on a warm server: a real `python -m server serve` child process
+   (`server.client.ServerProcess`, as Blender starts it) runs the CPU demo job; the time from sending
+   `generate` to receiving the first `preview_mesh` frame, after one job has already loaded the prior
+   (that first, cold job is reported too). Each job is cancelled once its first preview is in.
+2. Preview arrival to display in Blender: in a separate process with bpy (Blender as a module; bpy can
+   be imported once per process and keeps its threads apart), the extension's own `Controller` starts
+   the server and a job the way the Generate button does, and is pumped at the cadence of its timer
+   (`TICK_BUSY_SECONDS`). For each preview mesh, the time from the client's reader thread queueing the
+   frame to the pump having put it into the Blender mesh; the pump's own time per mesh tick; and the
+   whole click-to-first-preview-shown time. Headless Blender draws no viewport, so the GPU upload of
+   the redraw is not included. Skipped (with a note) where bpy is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from server import protocol
+from server.client import Connection, ServerError, ServerProcess
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the extension's folder and the server's cwd
+DEMO_JOB = {"prompt": "a red cube", "device": "cpu"}  # the CPU demo: JobSpec defaults otherwise
+EXTENSION = "blender_cfd_bench"  # the name the repository root is imported under in the bpy process
+TIMEOUT_S = 300.0
+
+
+def server_environment(threads: int) -> dict[str, str]:
+    """This environment with `threads` OpenMP threads that sleep when idle (the machine is shared)."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+
+
+def wait_job(
+    connection: Connection, job_id: str, types: set[str], timeout: float = TIMEOUT_S
+) -> protocol.Message:
+    """The next frame of job `job_id` whose type is one of `types`; a job error raises ServerError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = connection.get(timeout=max(0.0, deadline - time.monotonic()))
+        if message is None:
+            raise TimeoutError(f"no {'/'.join(sorted(types))} for job {job_id} within {timeout:g} s")
+        if message.get("job_id") != job_id:
+            continue
+        if message.type in types:
+            return message
+        if message.type == protocol.ERROR:
+            raise ServerError(message)
+
+
+def first_preview(connection: Connection, job_id: str, job: dict) -> dict[str, float]:
+    """Milliseconds from sending the job to `accepted` and to its first preview mesh; then cancel it."""
+    start = time.perf_counter()
+    connection.generate(job_id, job)
+    wait_job(connection, job_id, {protocol.ACCEPTED})
+    accepted = time.perf_counter()
+    wait_job(connection, job_id, {protocol.PREVIEW_MESH})
+    preview = time.perf_counter()
+    connection.cancel(job_id)
+    wait_job(connection, job_id, {protocol.CANCELLED, protocol.DONE})
+    return {"accepted_ms": 1e3 * (accepted - start), "first_preview_ms": 1e3 * (preview - start)}
+
+
+def server_latency(repeats: int, threads: int, job: dict = DEMO_JOB) -> dict:
+    """Start-up, cold and warm submission-to-first-preview times of a real server child process."""
+    with tempfile.TemporaryDirectory(prefix="bench-latency-") as out:
+        start = time.perf_counter()
+        server = ServerProcess(
+            sys.executable, ["--output-root", out], cwd=ROOT, env=server_environment(threads)
+        )
+        try:
+            server.hello()
+            hello_ms = 1e3 * (time.perf_counter() - start)
+            cold = first_preview(server, "cold", job)
+            warm = [first_preview(server, f"warm{i}", job) for i in range(repeats)]
+        finally:
+            server.close()
+    first = [w["first_preview_ms"] for w in warm]
+    return {
+        "server_start_to_hello_ms": round(hello_ms, 1),
+        "cold_first_preview_ms": round(cold["first_preview_ms"], 1),
+        "accepted_ms": round(statistics.median(w["accepted_ms"] for w in warm), 2),
+        "first_preview_ms": round(statistics.median(first), 1),
+        "first_preview_ms_min": round(min(first), 1),
+        "first_preview_ms_max": round(max(first), 1),
+        "repeats": repeats,
+    }
+
+
+# ------------------------------------------------------------------------------- the Blender side
+
+
+class ArrivalClock(queue.Queue):
+    """The client's message queue, noting when each preview mesh was queued by the reader thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.preview_arrivals: dict[tuple[str, int], float] = {}
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        if item is not None and item.type == protocol.PREVIEW_MESH:
+            self.preview_arrivals[item.get("job_id"), item.get("step")] = time.perf_counter()
+        super().put(item, block, timeout)
+
+
+def import_extension():
+    """The extension's controller module, with the repository root imported as the extension package."""
+    spec = importlib.util.spec_from_file_location(
+        EXTENSION, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[EXTENSION] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module(f"{EXTENSION}.blender_cfd.controller")
+
+
+def blender_side(repeats: int, previews: int, threads: int) -> dict:
+    """Runs inside the bpy process: click-to-first-preview and arrival-to-display with the real pump."""
+    import bpy
+
+    controller = import_extension()
+    extension = sys.modules[EXTENSION]
+    ctl = controller.Controller()
+    with tempfile.TemporaryDirectory(prefix="bench-latency-blender-") as out:
+        env = extension.blender_cfd.environment.server_environment()
+        env.update(OMP_NUM_THREADS=str(threads))
+        connection = extension.server.client.ServerProcess(
+            sys.executable, ["--output-root", out], cwd=ROOT, env=env
+        )
+        clock = ArrivalClock()
+        connection._queue = clock  # before the hello: nothing has arrived yet
+        ctl.connection = connection
+        try:
+            connection.hello()
+            jobs = [
+                _pumped_job(ctl, bpy.context, clock, previews, controller.TICK_BUSY_SECONDS)
+                for _ in range(1 + repeats)
+            ]
+        finally:
+            ctl.shutdown()
+    warm = jobs[1:]  # the first job loaded the prior
+    shown = [1e3 * s for j in warm for s in j["arrival_to_display_s"]]
+    ticks = {kind: [1e3 * s for s in values] for kind, values in ctl.stats.ticks.items() if values}
+    return {
+        "tick_interval_ms": 1e3 * controller.TICK_BUSY_SECONDS,
+        "click_to_first_preview_shown_ms": round(
+            statistics.median(1e3 * j["click_to_shown_s"] for j in warm), 1
+        ),
+        "arrival_to_display_ms": round(statistics.median(shown), 2),
+        "arrival_to_display_ms_max": round(max(shown), 2),
+        "previews_timed": len(shown),
+        "preview_vertices": warm[-1]["vertices"],
+        "pump_ms": {kind: round(statistics.median(ms), 2) for kind, ms in ticks.items() if kind != "idle"},
+    }
+
+
+def _pumped_job(ctl, context, clock: ArrivalClock, previews: int, tick_s: float) -> dict:
+    """Start the demo job as the Generate button does, pump it like the timer until `previews`
+    previews are shown, then cancel it and pump until the server confirms."""
+    start = time.perf_counter()
+    job_id = ctl.start(context, dict(DEMO_JOB), (0.0, 0.0, 0.0))
+    if job_id is None:
+        raise RuntimeError(f"the controller could not start the job: {ctl.error}")
+    delays, shown_step, first_shown, vertices = [], -1, None, 0
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(delays) < previews:
+        if time.monotonic() > deadline or not ctl.busy:
+            raise RuntimeError(f"no preview shown within {TIMEOUT_S:g} s; error: {ctl.error}")
+        ctl.tick()
+        now = time.perf_counter()
+        step = ctl.job.preview_step if ctl.job is not None else -1
+        if step > 0 and step != shown_step:
+            delays.append(now - clock.preview_arrivals[job_id, step])
+            first_shown = first_shown or now
+            shown_step = step
+            vertices = len(context.scene.objects[ctl.job.object_name].data.vertices)
+        time.sleep(tick_s)
+    ctl.cancel()
+    while ctl.busy:
+        ctl.tick()
+        time.sleep(tick_s)
+    return {"click_to_shown_s": first_shown - start, "arrival_to_display_s": delays, "vertices": vertices}
+
+
+def blender_latency(repeats: int, previews: int, threads: int) -> dict:
+    """`blender_side` in its own process (bpy is imported once per process); a note if bpy is missing."""
+    if importlib.util.find_spec("bpy") is None:
+        return {"note": "bpy (Blender as a module) is not installed; the Blender side was not measured"}
+    command = [
+        sys.executable, "-m", "server.bench", "latency", "--in-blender",
+        "--repeats", str(repeats), "--previews", str(previews), "--threads", str(threads),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=ROOT, env=server_environment(threads), capture_output=True, text=True, timeout=1800
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"the Blender side failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure_latency(repeats: int, threads: int, previews: int = 6) -> dict:
+    """Both halves, as one JSON-ready dict (what `server.bench step` includes unless --no-latency)."""
+    print("latency: server submission to first preview...", file=sys.stderr, flush=True)
+    server = server_latency(repeats, threads)
+    print("latency: preview arrival to display in Blender...", file=sys.stderr, flush=True)
+    return {"server": server, "blender": blender_latency(repeats, previews, threads)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    parser.add_argument("--repeats", type=int, default=3, help="warm jobs per figure")
+    parser.add_argument("--previews", type=int, default=6, help="previews timed per job in Blender")
+    parser.add_argument("--threads", type=int, default=1, help="OMP/torch threads of the server")
+    parser.add_argument("--in-blender", action="store_true", help=argparse.SUPPRESS)
+
+
+def print_latency(result: dict) -> None:
+    server, blender = result["server"], result["blender"]
+    rows = [
+        ("server start to hello", server["server_start_to_hello_ms"]),
+        ("cold job, submission to 1st preview", server["cold_first_preview_ms"]),
+        ("warm job, submission to accepted", server["accepted_ms"]),
+        (f"warm job, submission to 1st preview (median of {server['repeats']})", server["first_preview_ms"]),
+    ]
+    if "note" not in blender:
+        rows += [
+            ("Blender, click to 1st preview shown", blender["click_to_first_preview_shown_ms"]),
+            ("Blender, preview arrival to display (median)", blender["arrival_to_display_ms"]),
+            ("Blender, preview arrival to display (max)", blender["arrival_to_display_ms_max"]),
+        ]
+        rows += [(f"Blender, one pump tick ({kind})", ms) for kind, ms in blender["pump_ms"].items()]
+    for label, ms in rows:
+        print(f"{label:<56}{ms:>10.1f} ms")
+    if "note" in blender:
+        print(f"Blender: {blender['note']}")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.in_blender:
+        print(json.dumps(blender_side(args.repeats, args.previews, args.threads)))
+        return 0
+    result = measure_latency(args.repeats, args.threads, args.previews)
+    print_latency(result)
+    if args.json:
+        print(json.dumps(result))
+    return 0

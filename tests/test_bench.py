@@ -1,0 +1,182 @@
+"""The benchmarks measure what they say: scores against known answers, the timed step against run_job's,
+and the JSON each command ends with, on tiny configurations (no timing assertions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from server.bench import latency, quality, step
+from server.generate import Events, optimisation_step, run_job, start_job
+from server.job import Cancelled, JobSpec
+from server.shapes.primitives import COLOURS, CUBE_HALF, SPHERE_RADIUS
+
+TINY = {"steps": 4, "grid_resolution": 12, "render_size": 32, "device": "cpu"}
+
+
+def coloured(mesh: trimesh.Trimesh, rgb: tuple[float, float, float]) -> quality.Mesh:
+    colours = np.tile(np.asarray(rgb, dtype=np.float64), (len(mesh.vertices), 1))
+    return quality.Mesh(mesh.vertices.astype(np.float32), mesh.faces.astype(np.int32), colours)
+
+
+def cube(shift: float = 0.0) -> trimesh.Trimesh:
+    box = trimesh.creation.box(extents=(2 * CUBE_HALF,) * 3)
+    box.apply_translation((shift, 0.0, 0.0))
+    return box
+
+
+def parse(args: list[str], module) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return parser.parse_args(args)
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------- scores
+
+
+def test_iou_is_one_for_the_primitive_and_the_overlap_for_a_shifted_box():
+    assert quality.volumetric_iou(cube().vertices, cube().faces, "cube") == 1.0
+    shift = 0.125  # four lattice cells: the lattice count is exact for this box
+    expected = (2 * CUBE_HALF - shift) / (2 * CUBE_HALF + shift)
+    shifted = cube(shift)
+    assert quality.volumetric_iou(shifted.vertices, shifted.faces, "cube") == pytest.approx(
+        expected, abs=2e-3
+    )
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=SPHERE_RADIUS)
+    assert quality.volumetric_iou(sphere.vertices, sphere.faces, "sphere") > 0.97
+    assert quality.volumetric_iou(sphere.vertices, sphere.faces, "torus") < 0.3
+
+
+def test_colour_error_is_the_mean_channel_distance_to_the_true_colour():
+    assert quality.colour_error(coloured(cube(), COLOURS["red"]), "red") == pytest.approx(0.0, abs=1e-12)
+    saturated = coloured(cube(), (1.0, 0.0, 0.0))  # what an over-guided texture field gives
+    assert quality.colour_error(saturated, "red") == pytest.approx((0.14 + 0.12 + 0.10) / 3)
+
+
+def test_the_judge_names_rendered_primitives_and_modes_are_counted():
+    red_cube = quality.judge_outcome(quality.render_views(coloured(cube(), COLOURS["red"]), 32))
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=SPHERE_RADIUS)
+    blue_sphere = quality.judge_outcome(quality.render_views(coloured(sphere, COLOURS["blue"]), 32))
+    assert (red_cube, blue_sphere) == (("cube", "red"), ("sphere", "blue"))
+    outcomes = [red_cube, blue_sphere, red_cube, ("cube", "blue")]
+    assert quality.distinct_modes(outcomes) == 3
+    assert quality.follows("a red shape", red_cube) and not quality.follows("a red shape", blue_sphere)
+    assert quality.follows("a cube", ("cube", "blue")) and quality.follows("a shape", blue_sphere)
+    assert not quality.follows("a blue sphere", ("cube", "blue"))
+
+
+def test_render_distance_is_zero_for_equal_results_and_rms_otherwise():
+    black, white = np.zeros((4, 8, 8, 3)), np.ones((4, 8, 8, 3))
+    assert quality.mean_pairwise_distance([black, black, black]) == 0.0
+    # pairs: (black, black) 0, (black, white) 1, (black, white) 1
+    assert quality.mean_pairwise_distance([black, black, white]) == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------------------------------------- the step
+
+
+class EveryStep(Events):
+    """run_job's events with a preview after every step: the mesh before the step, colours after it."""
+
+    def __init__(self):
+        self.meshes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def preview_due(self) -> bool:
+        return True
+
+    def preview_mesh(self, step, positions, faces, colors=None) -> None:
+        self.meshes.append((positions, faces, colors))
+
+
+@pytest.mark.parametrize("method", ["cfd", "sds"])
+def test_the_timed_step_makes_run_jobs_updates(method):
+    """Four steps (the geometry freezes before the last): the stage timer's gradient hooks leave the
+    meshes and colours exactly run_job's."""
+    spec = JobSpec.from_dict({"prompt": "a red cube", "method": method, "seed": 5, **TINY})
+    events = EveryStep()
+    with pytest.raises(Cancelled):  # after the last step, before the export
+        run_job(spec, None, events, lambda: len(events.meshes) == spec.steps)
+
+    state = start_job(spec, None)
+    timer = step.StageTimer(torch.device("cpu"))
+    for k, (positions, faces, colours) in enumerate(events.meshes):
+        with torch.no_grad():
+            mesh = state.geometry()
+        optimisation_step(state, k, timer)
+        with torch.no_grad():
+            ours = (state.texture(mesh.vertices) * 255).round().to(torch.uint8).numpy()
+        np.testing.assert_array_equal(mesh.faces.numpy(), faces)
+        np.testing.assert_array_equal(mesh.vertices.numpy(), positions)
+        np.testing.assert_array_equal(ours, colours)
+    assert len(events.meshes) == spec.steps
+    assert not np.allclose(events.meshes[0][0], events.meshes[-1][0]), "the geometry moved"
+    assert set(timer.wall) >= {"render", "noise", "network", "render_backward", "optimiser"}
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def test_quality_ends_with_the_figures_per_method_and_draws_a_grid(tmp_path, capsys):
+    args = parse(
+        [
+            *("--specific", "a red cube", "--open", "a shape", "--methods", "sds,cfd"),
+            *("--seeds", "2", "--steps", "2", "--grid-resolution", "8", "--out", str(tmp_path), "--json"),
+        ],
+        quality,
+    )
+    assert quality.main(args) == 0
+    result = last_json_line(capsys.readouterr().out)
+    for method in ("sds", "cfd"):
+        figures = result["methods"][method]
+        assert 0.0 <= figures["iou_mean"] <= 1.0 and 0.0 <= figures["colour_error_mean"] <= 1.0
+        assert 1 <= figures["distinct_modes_mean"] <= 2
+    assert len(result["runs"]) == 8 and result["prior_training_steps"] > 0
+    assert (tmp_path / "quality_a_shape.png").is_file()
+
+
+def test_step_ends_with_both_priors_figures(monkeypatch, capsys):
+    from server.priors.tiny import tiny_unet, tiny_vae
+
+    monkeypatch.setattr(step, "sd21_unet_config", lambda: tiny_unet(4, 8).config)
+    monkeypatch.setattr(step, "sd_vae_config", lambda: tiny_vae().config)
+    args = parse(
+        [
+            "--methods",
+            "sds,cfd",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--sd-steps",
+            "1",
+            "--no-latency",
+            "--json",
+        ],
+        step,
+    )
+    assert step.main(args) == 0
+    result = last_json_line(capsys.readouterr().out)
+    for prior in ("shapes", "sd21"):
+        entry = result[prior]
+        assert entry["ms_step"] > 0 and entry["ms_network"] > 0 and 0 < entry["non_network_share"] < 1
+        assert set(entry["methods"]) == {"sds", "cfd"}
+    assert result["sd21"]["network_stages"] == ["network", "encode", "encode_backward"]
+    assert result["cfd_over_sds"] > 0 and result["peak_memory_mb"] > 0
+
+
+def test_latency_against_a_real_server_and_the_extensions_pump():
+    result = latency.measure_latency(repeats=1, threads=1, previews=1)
+    server, blender = result["server"], result["blender"]
+    assert server["first_preview_ms"] > server["accepted_ms"] > 0
+    if "note" not in blender:
+        assert blender["previews_timed"] == 1 and blender["preview_vertices"] > 0
+        assert blender["arrival_to_display_ms"] >= 0 and "mesh_new_topology" in blender["pump_ms"]
