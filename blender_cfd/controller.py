@@ -87,6 +87,8 @@ class PumpStats:
     """Seconds per pump by what the tick did (see `TICK_KINDS`); a frame at 60 Hz is ~16 ms."""
 
     ticks: dict[str, deque] = field(default_factory=lambda: {kind: deque(maxlen=1000) for kind in TICK_KINDS})
+    # Seconds from a preview mesh's arrival (the reader thread) to its display (applied by a pump).
+    preview_delays: deque = field(default_factory=lambda: deque(maxlen=1000))
 
 
 class Controller:
@@ -323,6 +325,8 @@ class Controller:
         )
         job.faces = faces
         job.preview_step = message.get("step", 0)
+        if message.received_at is not None:
+            self.stats.preview_delays.append(time.perf_counter() - message.received_at)
         return same
 
     def _apply_texture(self, message: protocol.Message) -> None:

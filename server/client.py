@@ -69,6 +69,7 @@ class Connection:
     def _read_loop(self) -> None:
         try:
             for message in protocol.FrameReader(self._stream):
+                message.received_at = time.perf_counter()
                 self._queue.put(message)
             self.closed_reason = "the server closed the connection"
         except protocol.ProtocolError as error:

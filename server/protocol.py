@@ -94,6 +94,8 @@ class Message:
     header: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     blobs: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # name -> (data, mime)
+    # time.perf_counter() when a client's reader decoded it (never on the wire): latency figures.
+    received_at: float | None = field(default=None, compare=False)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.header.get(key, default)

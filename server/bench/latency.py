@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import json
 import os
-import queue
 import statistics
 import subprocess
 import sys
@@ -100,19 +99,6 @@ def server_latency(repeats: int, threads: int, job: dict = DEMO_JOB) -> dict:
 # ------------------------------------------------------------------------------- the Blender side
 
 
-class ArrivalClock(queue.Queue):
-    """The client's message queue, noting when each preview mesh was queued by the reader thread."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.preview_arrivals: dict[tuple[str, int], float] = {}
-
-    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
-        if item is not None and item.type == protocol.PREVIEW_MESH:
-            self.preview_arrivals[item.get("job_id"), item.get("step")] = time.perf_counter()
-        super().put(item, block, timeout)
-
-
 def import_extension():
     """The extension's controller module, with the repository root imported as the extension package."""
     spec = importlib.util.spec_from_file_location(
@@ -137,13 +123,11 @@ def blender_side(repeats: int, previews: int, threads: int) -> dict:
         connection = extension.server.client.ServerProcess(
             sys.executable, ["--output-root", out], cwd=ROOT, env=env
         )
-        clock = ArrivalClock()
-        connection._queue = clock  # before the hello: nothing has arrived yet
         ctl.connection = connection
         try:
             connection.hello()
             jobs = [
-                _pumped_job(ctl, bpy.context, clock, previews, controller.TICK_BUSY_SECONDS)
+                _pumped_job(ctl, bpy.context, previews, controller.TICK_BUSY_SECONDS)
                 for _ in range(1 + repeats)
             ]
         finally:
@@ -164,23 +148,23 @@ def blender_side(repeats: int, previews: int, threads: int) -> dict:
     }
 
 
-def _pumped_job(ctl, context, clock: ArrivalClock, previews: int, tick_s: float) -> dict:
+def _pumped_job(ctl, context, previews: int, tick_s: float) -> dict:
     """Start the demo job as the Generate button does, pump it like the timer until `previews`
     previews are shown, then cancel it and pump until the server confirms."""
     start = time.perf_counter()
     job_id = ctl.start(context, dict(DEMO_JOB), (0.0, 0.0, 0.0))
     if job_id is None:
         raise RuntimeError(f"the controller could not start the job: {ctl.error}")
-    delays, shown_step, first_shown, vertices = [], -1, None, 0
+    delays = ctl.stats.preview_delays  # the pump notes each shown preview's arrival-to-display time
+    already, shown_step, first_shown, vertices = len(delays), -1, None, 0
     deadline = time.monotonic() + TIMEOUT_S
-    while len(delays) < previews:
+    while len(delays) - already < previews:
         if time.monotonic() > deadline or not ctl.busy:
             raise RuntimeError(f"no preview shown within {TIMEOUT_S:g} s; error: {ctl.error}")
         ctl.tick()
         now = time.perf_counter()
         step = ctl.job.preview_step if ctl.job is not None else -1
         if step > 0 and step != shown_step:
-            delays.append(now - clock.preview_arrivals[job_id, step])
             first_shown = first_shown or now
             shown_step = step
             vertices = len(context.scene.objects[ctl.job.object_name].data.vertices)
@@ -189,7 +173,8 @@ def _pumped_job(ctl, context, clock: ArrivalClock, previews: int, tick_s: float)
     while ctl.busy:
         ctl.tick()
         time.sleep(tick_s)
-    return {"click_to_shown_s": first_shown - start, "arrival_to_display_s": delays, "vertices": vertices}
+    shown = list(delays)[already:]
+    return {"click_to_shown_s": first_shown - start, "arrival_to_display_s": shown, "vertices": vertices}
 
 
 def blender_latency(repeats: int, previews: int, threads: int) -> dict:
