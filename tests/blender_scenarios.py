@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import bpy
 import numpy as np
+from PIL import Image
 
 MODULE = "bl_ext.user_default.blender_cfd"
 SERVER_ARGS = "--runner blender_fake_runner:run_job --describe blender_fake_runner:describe"
@@ -489,8 +490,54 @@ def blender_crash(zip_path: str, out: Path) -> dict:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def shapes_prior(zip_path: str, out: Path) -> dict:
+    """The real generator on the shipped shapes prior (short jobs sent through the controller, as
+    Generate sends them): streamed previews, a textured variant from the real GLB, same seed ⇒ same mesh."""
+    ctl_module, _ = install(zip_path, out)
+    os.environ.pop("BLENDER_CFD_SERVER_ARGS")  # the real job runner, not the fake one
+    ctl = ctl_module.get()
+    jobs = sys.modules[f"{MODULE}.blender_cfd.jobs"]
+    job = jobs.build_job(
+        prompt="a red cube",
+        negative_prompt="",
+        seed=3,
+        quality="DRAFT",
+        method="CFD",
+        guidance_scale=7.5,
+        init_shape="SPHERE",
+        prior="SHAPES",
+        device="CPU",
+        precision="AUTO",
+        output_dir=str(out / "assets"),
+        orbit={},
+    )
+    job.update(steps=6, grid_resolution=12, render_size=32, texture_size=128, preview_max_fps=30)
+    names, previews = [], []
+    for location in ((0.0, 0.0, 0.0), (2.0, 0.0, 0.0)):
+        assert ctl.start(bpy.context, job, location) is not None, ctl.error
+        pump_until(ctl, lambda: not ctl.busy, what="the job to finish")
+        assert ctl.error is None, ctl.error
+        assert "fake" not in ctl.server_info["device_name"]
+        previews.append(ctl.stats.preview_delays[-1])
+        names.append(ctl.last_variant)
+    first, again = (bpy.data.objects[name] for name in names)
+    assert first.name == "a red cube (seed 3)" and first.users_collection[0].name == "CFD Variants"
+    image = (
+        first.active_material.node_tree.nodes["Principled BSDF"].inputs["Base Color"].links[0].from_node.image
+    )
+    assert image.packed_file is not None and tuple(image.size) == (128, 128)
+    pixels = np.array(image.pixels[:]).reshape(128, 128, 4)[::-1, :, :3]  # Blender's rows run bottom-up
+    with Image.open(Path(first["cfd_output"]) / "a-red-cube.png") as baked:
+        expected = np.asarray(baked.convert("RGB"), np.float64) / 255.0
+    assert np.abs(pixels - expected).max() < 1e-3, "the variant shows the texture the server baked"
+    assert np.array_equal(vertices_of(first), vertices_of(again)), "same seed and settings, same mesh"
+    assert "torch" not in sys.modules, "Blender's process must never import torch"
+    return {"variants": names, "preview_delay_ms": [1e3 * d for d in previews]}
+
+
 SCENARIOS = {
-    f.__name__: f for f in (variants, inputs, interruptions, pump_timing, environment, remote, blender_crash)
+    f.__name__: f
+    for f in (variants, inputs, interruptions, pump_timing, environment, remote, blender_crash, shapes_prior)
 }
 
 if __name__ == "__main__":

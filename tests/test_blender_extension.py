@@ -305,6 +305,12 @@ def test_generate_streams_then_rerolls_and_regenerates_variants(extension_zip, t
 
 
 @needs_bpy
+def test_a_real_job_on_the_shapes_prior_becomes_a_textured_variant(extension_zip, tmp_path):
+    result = run_scenario("shapes_prior", extension_zip, tmp_path)
+    assert result["variants"] == ["a red cube (seed 3)", "a red cube (seed 3).001"]
+
+
+@needs_bpy
 def test_rig_selected_cameras_and_a_starting_mesh_make_valid_jobs(extension_zip, tmp_path):
     result = run_scenario("inputs", extension_zip, tmp_path)
     assert result["orbit"]["fovy_deg"] == [40.0, 40.0]
