@@ -43,7 +43,11 @@ class CFDSettings(bpy.types.PropertyGroup):
     quality: EnumProperty(name="Quality", items=QUALITY_ITEMS, default="STANDARD")
     method: EnumProperty(name="Method", items=METHOD_ITEMS, default="CFD")
     guidance_scale: FloatProperty(
-        name="Guidance", description="Classifier-free guidance scale", min=1.0, max=200.0, default=7.5
+        name="Guidance",
+        description="Classifier-free guidance: 20 suits the Shapes prior, 7.5 Stable Diffusion, 50 MVDream",
+        min=1.0,
+        max=200.0,
+        default=20.0,
     )
     camera_source: EnumProperty(name="Cameras", items=CAMERA_ITEMS, default="RIG")
     camera_rig: PointerProperty(

@@ -161,6 +161,7 @@ class PriorStage:
     embeddings: PromptEmbeddings
     schedule: NoiseSchedule
     until: int
+    guidance_scale: float  # the job's, else the prior's own
 
     @property
     def views_per_group(self) -> int:
@@ -182,7 +183,8 @@ def prior_stages(spec: JobSpec, device: torch.device) -> list[PriorStage]:
             )
         view_dependent = getattr(prior, "view_dependent", False)
         embeddings = prior.encode_prompt(spec.prompt, spec.negative_prompt, view_dependent=view_dependent)
-        stages.append(PriorStage(prior, embeddings, NoiseSchedule.of(prior), until))
+        guidance = prior.guidance_scale if spec.guidance_scale is None else spec.guidance_scale
+        stages.append(PriorStage(prior, embeddings, NoiseSchedule.of(prior), until, guidance))
     return stages
 
 
@@ -314,7 +316,8 @@ def start_job(
     else:
         view_dependent = getattr(prior, "view_dependent", False)
         embeddings = prior.encode_prompt(spec.prompt, spec.negative_prompt, view_dependent=view_dependent)
-        stages = [PriorStage(prior, embeddings, NoiseSchedule.of(prior), spec.steps)]
+        guidance = prior.guidance_scale if spec.guidance_scale is None else spec.guidance_scale
+        stages = [PriorStage(prior, embeddings, NoiseSchedule.of(prior), spec.steps, guidance)]
     method = Method(spec.method)
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
@@ -412,7 +415,7 @@ def optimisation_step(state: JobState, step: int, timer: StepTimer = UNTIMED) ->
             stage.embeddings.for_views(elevation, azimuth),
             stage.embeddings.uncond,
             stage.schedule,
-            spec.guidance_scale,
+            stage.guidance_scale,
             CFGForm(spec.cfg_form),
             opt.weighting,
             c2w=view.c2w,
@@ -603,7 +606,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--render-size", type=int, default=None)
     parser.add_argument("--grid-resolution", type=int, default=None, help="DMTet cells per axis (default 32)")
     parser.add_argument("--texture-size", type=int, default=None)
-    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the prior's own")
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")

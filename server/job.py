@@ -97,7 +97,7 @@ class JobSpec:
     cameras: tuple[CameraSpec, ...] | None = None
     steps: int = 400
     render_size: int = 64
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the prior's own (`Prior.guidance_scale`)
     cfg_form: str = "uncond"
     gamma: float = 1e-4
     timestep_knots: tuple[tuple[float, float], ...] = ((0.0, 980.0), (1.0, 200.0))
@@ -142,7 +142,9 @@ class JobSpec:
             cameras=None if cameras is None else _cameras(cameras),
             steps=_integer("steps", values["steps"], 1, 100_000),
             render_size=_render_size(values["render_size"]),
-            guidance_scale=_number("guidance_scale", values["guidance_scale"], 0.0, 200.0),
+            guidance_scale=None
+            if values["guidance_scale"] is None
+            else _number("guidance_scale", values["guidance_scale"], 0.0, 200.0),
             cfg_form=_choice("cfg_form", values["cfg_form"], CFG_FORMS),
             gamma=_number("gamma", values["gamma"], 0.0, 1.0),
             timestep_knots=_knots(values["timestep_knots"]),

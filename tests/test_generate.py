@@ -204,3 +204,17 @@ def test_the_command_line_rerolls_variants_into_assets_and_a_grid(tmp_path: Path
     )
     assert refused.returncode == 2 and "steps" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_guidance_is_the_jobs_else_the_priors_own():
+    import torch
+
+    from server.generate import prior_stages
+    from server.priors import SHAPES_GUIDANCE, MVDreamPrior, Prior
+
+    assert JobSpec.from_dict({"prompt": "a cube"}).guidance_scale is None
+    cpu = torch.device("cpu")
+    (default,) = prior_stages(JobSpec.from_dict({"prompt": "a cube"}), cpu)
+    (chosen,) = prior_stages(JobSpec.from_dict({"prompt": "a cube", "guidance_scale": 7.5}), cpu)
+    assert default.guidance_scale == SHAPES_GUIDANCE != 7.5 and chosen.guidance_scale == 7.5
+    assert Prior.guidance_scale == 7.5 and MVDreamPrior.guidance_scale == 50.0

@@ -75,6 +75,7 @@ class Prior:
     """
 
     name: str
+    guidance_scale: float = 7.5  # what a job uses unless it says otherwise (Stable Diffusion's)
     device: torch.device
     dtype: torch.dtype
     alphas_cumprod: torch.Tensor  # [T] float64 on the CPU

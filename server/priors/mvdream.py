@@ -374,6 +374,7 @@ class MVDreamPrior(DiffusersPrior):
     """
 
     views_per_group = VIEWS_PER_GROUP
+    guidance_scale = 50.0  # the CFD reference's MVDream stage
 
     def __init__(
         self,
