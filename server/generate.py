@@ -148,10 +148,6 @@ def cached_priors(names: list[str], device: torch.device, dtype: torch.dtype) ->
     return [_PRIORS[key] for key in keys]
 
 
-def cached_prior(name: str, device: torch.device, dtype: torch.dtype) -> Prior:
-    return cached_priors([name], device, dtype)[0]
-
-
 @dataclass
 class PriorStage:
     """One prior's share of a job's steps, up to step `until`: a chained job (MVDream forming the
