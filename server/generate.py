@@ -42,7 +42,7 @@ from server.regularizers import laplacian_smoothness, normal_consistency, sdf_si
 from server.render import render_mesh
 from server.schedule import AnnealedTimesteps, NoiseSchedule, RandomTimesteps
 from server.tetgrid import kuhn_grid
-from server.texture_field import TextureField
+from server.texture_field import TextureField, default_encoding, triplane_resolutions
 
 
 @dataclass(frozen=True)
@@ -326,7 +326,9 @@ def start_job(
         geometry.init_ellipsoid((0.45, 0.45, 0.6))
     else:
         geometry.init_sphere(0.5)
-    texture = TextureField(device=device)
+    encoding = default_encoding(device)
+    planes = {"resolutions": triplane_resolutions(spec.render_size)} if encoding == "triplane" else None
+    texture = TextureField(encoding=encoding, encoding_options=planes, device=device)
     optimizer = torch.optim.Adam(
         [
             {"params": [geometry.sdf], "lr": opt.sdf_lr},

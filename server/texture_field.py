@@ -3,7 +3,8 @@
 A spatial feature encoding followed by a tiny MLP and a sigmoid, in plain PyTorch so it runs on CPU
 and CUDA alike (threestudio's tinycudann hash grid has no CPU path). Two encodings:
 
-- "triplane" (default on CPU): xy, xz and yz feature planes at 32^2 and 128^2 with 8 channels,
+- "triplane" (default on CPU): xy, xz and yz feature planes at two resolutions (by default 32^2
+  and 128^2; jobs size them to their renders, `triplane_resolutions`) with 8 channels,
   sampled bilinearly with `F.grid_sample`. On one contended CPU thread, forward + backward for 10k
   points took ~10 ms against ~20-35 ms for dense 16^3..64^3 volumes (3-D grid_sample's scattered
   backward is cache-bound) and ~0.5-0.8 s for the hash grid. The coarse level moves large regions
@@ -28,6 +29,17 @@ Encoding = Literal["triplane", "hash"]
 
 def default_encoding(device: torch.device | str) -> Encoding:
     return "hash" if torch.device(device).type == "cuda" else "triplane"
+
+
+def triplane_resolutions(render_size: int) -> tuple[int, int]:
+    """Planes no finer than the renders that train them.
+
+    A plane spans the whole [-1, 1] box and an object about half of it, so a `render_size` plane
+    puts about one texel under each rendered pixel. A finer plane leaves most texels touched by a
+    pixel only now and then, and Adam turns those rare, tiny gradients into full-size steps:
+    at 64-pixel renders the 128-texel plane baked yellow streaks into a red cube.
+    """
+    return (max(8, render_size // 4), render_size)
 
 
 class TriplaneEncoding(nn.Module):

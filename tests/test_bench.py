@@ -14,7 +14,9 @@ import trimesh
 from server.bench import latency, quality, step
 from server.generate import Events, optimisation_step, run_job, start_job
 from server.job import Cancelled, JobSpec
-from server.shapes.primitives import COLOURS, CUBE_HALF, SPHERE_RADIUS
+from server.shapes.classify import foreground, judge
+from server.shapes.dataset import build_dataset
+from server.shapes.primitives import COLOURS, CUBE_HALF, SHAPES, SPHERE_RADIUS
 
 TINY = {"steps": 4, "grid_resolution": 12, "render_size": 32, "device": "cpu"}
 
@@ -74,6 +76,21 @@ def test_the_judge_names_rendered_primitives_and_modes_are_counted():
     assert not quality.follows("a blue sphere", ("cube", "blue"))
 
 
+def test_the_judge_measures_foreground_against_each_images_own_background():
+    data = build_dataset(40, 32, seed=7)
+    images = data.images / 255.0
+    background = np.all(data.images == data.images[:, :1, :1], axis=-1)  # the corner's colour
+    tinted = np.where(background[..., None], np.array([0.87, 0.85, 0.81]), images)
+    right = [
+        (v.shape, v.colour) == (SHAPES[s], list(COLOURS)[c])
+        for v, s, c in zip(judge(tinted), data.shape_ids, data.colour_ids, strict=True)
+    ]
+    # A greyish background (as some diffusion samples have) is no foreground: a fixed-white
+    # threshold judged every tinted sample a full-frame cube.
+    assert np.mean(right) >= 0.9
+    assert foreground(tinted).mean() < 0.5
+
+
 def test_render_distance_is_zero_for_equal_results_and_rms_otherwise():
     black, white = np.zeros((4, 8, 8, 3)), np.ones((4, 8, 8, 3))
     assert quality.mean_pairwise_distance([black, black, black]) == 0.0
@@ -126,21 +143,30 @@ def test_the_timed_step_makes_run_jobs_updates(method):
 
 
 def test_quality_ends_with_the_figures_per_method_and_draws_a_grid(tmp_path, capsys):
-    args = parse(
-        [
-            *("--specific", "a red cube", "--open", "a shape", "--methods", "sds,cfd"),
-            *("--seeds", "2", "--steps", "2", "--grid-resolution", "8", "--out", str(tmp_path), "--json"),
-        ],
-        quality,
-    )
-    assert quality.main(args) == 0
-    result = last_json_line(capsys.readouterr().out)
+    def bench(workers: int) -> dict:
+        quick = ("--seeds", "2", "--steps", "2", "--grid-resolution", "8", "--workers", str(workers))
+        args = parse(
+            [
+                *("--specific", "a red cube", "--open", "a shape", "--methods", "sds,cfd", *quick),
+                *("--out", str(tmp_path / str(workers)), "--json"),
+            ],
+            quality,
+        )
+        assert quality.main(args) == 0
+        return last_json_line(capsys.readouterr().out)
+
+    result = bench(2)
     for method in ("sds", "cfd"):
         figures = result["methods"][method]
         assert 0.0 <= figures["iou_mean"] <= 1.0 and 0.0 <= figures["colour_error_mean"] <= 1.0
         assert 1 <= figures["distinct_modes_mean"] <= 2
     assert len(result["runs"]) == 8 and result["prior_training_steps"] > 0
-    assert (tmp_path / "quality_a_shape.png").is_file()
+    assert (tmp_path / "2" / "quality_a_shape.png").is_file()
+
+    def scores(record: dict) -> list[dict]:
+        return [{k: v for k, v in run.items() if k != "seconds"} for run in record["runs"]]
+
+    assert scores(bench(1)) == scores(result)  # seeded runs: workers change the time, not the figures
 
 
 def test_step_ends_with_both_priors_figures(monkeypatch, capsys):

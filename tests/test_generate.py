@@ -218,3 +218,14 @@ def test_guidance_is_the_jobs_else_the_priors_own():
     (chosen,) = prior_stages(JobSpec.from_dict({"prompt": "a cube", "guidance_scale": 7.5}), cpu)
     assert default.guidance_scale == SHAPES_GUIDANCE != 7.5 and chosen.guidance_scale == 7.5
     assert Prior.guidance_scale == 7.5 and MVDreamPrior.guidance_scale == 50.0
+
+
+def test_a_jobs_texture_planes_are_no_finer_than_its_renders():
+    from server.generate import start_job
+
+    for render_size in (32, 64, 128):
+        state = start_job(JobSpec.from_dict({"prompt": "a cube", **QUICK, "render_size": render_size}), None)
+        planes = [tuple(p.shape[-2:]) for p in state.texture.encoding.planes]
+        # One texel per rendered pixel at most: finer planes baked Adam-amplified streaks into
+        # the CPU demo's red cube (a 128-texel plane under 64-pixel renders).
+        assert planes == [(render_size // 4,) * 2, (render_size,) * 2]

@@ -30,9 +30,21 @@ class Judgement:
     colour_distance: float  # RGB distance to the judged colour's reference
 
 
+def background_colours(images: np.ndarray) -> np.ndarray:
+    """[N, 3]: each image's own background, the median of its border pixels.
+
+    A diffusion sample's plain background drifts a little from the training renders' white (a
+    greyish tint in some seeds); measured against the fixed white, that tint would count as
+    foreground and turn a right sphere into a wrong cube.
+    """
+    border = np.concatenate([images[:, 0], images[:, -1], images[:, 1:-1, 0], images[:, 1:-1, -1]], axis=1)
+    return np.median(border, axis=1)
+
+
 def foreground(images: np.ndarray) -> np.ndarray:
-    """[N, S, S] bool: pixels that differ from the background."""
-    return np.abs(images - np.asarray(BACKGROUND)).max(axis=-1) > FOREGROUND_THRESHOLD
+    """[N, S, S] bool: pixels that differ from the image's background."""
+    background = background_colours(images)[:, None, None, :]
+    return np.abs(images - background).max(axis=-1) > FOREGROUND_THRESHOLD
 
 
 @lru_cache(maxsize=4)
