@@ -307,6 +307,10 @@ def start_job(
     seeded by the job. `prior` replaces the priors the spec names (a benchmark's in-memory model)."""
     opt = OPTIMISATION
     device = resolve_device(spec.device)
+    # Same seed, same asset: with two CPU threads, accumulating kernels of the backward passes summed
+    # in a varying order, and 40 steps amplified those last-bit differences into a different SDF
+    # (max difference 0.06). Ops without a deterministic kernel (some on CUDA) only warn.
+    torch.use_deterministic_algorithms(True, warn_only=True)
     if prior is None:
         stages = prior_stages(spec, device)
     else:

@@ -206,3 +206,12 @@ def test_latency_against_a_real_server_and_the_extensions_pump():
     if "note" not in blender:
         assert blender["previews_timed"] == 1 and blender["preview_vertices"] > 0
         assert blender["arrival_to_display_ms"] >= 0 and "mesh_new_topology" in blender["pump_ms"]
+        dense = blender["pump_ms_50k"]
+        assert dense["vertices"] == 50_002 and dense["new_topology"] > 0 and dense["in_place"] > 0
+
+
+def test_the_dense_preview_is_a_closed_outward_ball():
+    positions, faces = latency.ball()
+    mesh = trimesh.Trimesh(positions, faces, process=False)
+    assert len(positions) == 50_002 and mesh.is_watertight and mesh.is_winding_consistent
+    assert mesh.volume == pytest.approx(4 / 3 * np.pi, rel=1e-3)

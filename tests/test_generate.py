@@ -229,3 +229,23 @@ def test_a_jobs_texture_planes_are_no_finer_than_its_renders():
         # One texel per rendered pixel at most: finer planes baked Adam-amplified streaks into
         # the CPU demo's red cube (a 128-texel plane under 64-pixel renders).
         assert planes == [(render_size // 4,) * 2, (render_size,) * 2]
+
+
+def test_two_cpu_threads_give_the_same_steps_twice():
+    import torch
+
+    from server.generate import optimisation_step, start_job
+
+    def sdf_and_colours_after(steps: int) -> list:
+        state = start_job(JobSpec.from_dict({"prompt": "a red cube", "steps": 400, "device": "cpu"}), None)
+        for step in range(steps):
+            optimisation_step(state, step)
+        return [state.geometry.sdf.detach(), *(p.detach() for p in state.texture.parameters())]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, again = sdf_and_colours_after(30), sdf_and_colours_after(30)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from server import protocol
 from server.client import Connection, ServerError, ServerProcess
 
@@ -132,6 +134,7 @@ def blender_side(repeats: int, previews: int, threads: int) -> dict:
             ]
         finally:
             ctl.shutdown()
+        dense = dense_preview_ms(extension.blender_cfd.scene_objects, bpy)
     warm = jobs[1:]  # the first job loaded the prior
     shown = [1e3 * s for j in warm for s in j["arrival_to_display_s"]]
     ticks = {kind: [1e3 * s for s in values] for kind, values in ctl.stats.ticks.items() if values}
@@ -145,6 +148,52 @@ def blender_side(repeats: int, previews: int, threads: int) -> dict:
         "previews_timed": len(shown),
         "preview_vertices": warm[-1]["vertices"],
         "pump_ms": {kind: round(statistics.median(ms), 2) for kind, ms in ticks.items() if kind != "idle"},
+        "pump_ms_50k": dense,
+    }
+
+
+def ball(rings: int = 201, segments: int = 250) -> tuple[np.ndarray, np.ndarray]:
+    """A closed UV sphere of (rings - 1) * segments + 2 vertices (50k by default) and its triangles."""
+    theta = np.linspace(0.0, np.pi, rings + 1)[1:-1]
+    phi = np.linspace(0.0, 2.0 * np.pi, segments, endpoint=False)
+    rows = np.stack(np.meshgrid(theta, phi, indexing="ij"), -1).reshape(-1, 2)
+    ring_points = np.stack(
+        [
+            np.sin(rows[:, 0]) * np.cos(rows[:, 1]),
+            np.sin(rows[:, 0]) * np.sin(rows[:, 1]),
+            np.cos(rows[:, 0]),
+        ],
+        -1,
+    )
+    positions = np.concatenate([[[0.0, 0.0, 1.0]], ring_points, [[0.0, 0.0, -1.0]]]).astype(np.float32)
+    grid = 1 + np.arange((rings - 1) * segments).reshape(rings - 1, segments)
+    right = np.roll(grid, -1, axis=1)
+    top, bottom = 0, len(positions) - 1
+    faces = [
+        np.stack([np.full(segments, top), grid[0], right[0]], -1),
+        np.stack([grid[:-1], grid[1:], right[1:]], -1).reshape(-1, 3),
+        np.stack([grid[:-1], right[1:], right[:-1]], -1).reshape(-1, 3),
+        np.stack([grid[-1], np.full(segments, bottom), right[-1]], -1),
+    ]
+    return positions, np.concatenate(faces).astype(np.int32)
+
+
+def dense_preview_ms(scene_objects, bpy, repeats: int = 7) -> dict:
+    """What the pump spends on a 50k-vertex preview: a new topology, then the same faces moved."""
+    positions, faces = ball()
+    colours = np.full((len(positions), 3), 200, dtype=np.uint8)
+    mesh = bpy.data.meshes.new("bench 50k preview")
+    timings: dict[str, list[float]] = {"new_topology": [], "in_place": []}
+    for repeat in range(repeats):
+        for kind in timings:
+            moved = positions * (1.0 + 0.01 * repeat)
+            start = time.perf_counter()
+            scene_objects.apply_preview(mesh, moved, faces, colours, same_topology=kind == "in_place")
+            timings[kind].append(1e3 * (time.perf_counter() - start))
+    assert len(mesh.vertices) == len(positions) and len(mesh.polygons) == len(faces)
+    bpy.data.meshes.remove(mesh)
+    return {"vertices": len(positions)} | {
+        kind: round(statistics.median(ms), 2) for kind, ms in timings.items()
     }
 
 
@@ -224,6 +273,11 @@ def print_latency(result: dict) -> None:
             ("Blender, preview arrival to display (max)", blender["arrival_to_display_ms_max"]),
         ]
         rows += [(f"Blender, one pump tick ({kind})", ms) for kind, ms in blender["pump_ms"].items()]
+        dense = blender["pump_ms_50k"]
+        rows += [
+            (f"Blender, applying a {dense['vertices']}-vertex preview ({kind})", dense[kind])
+            for kind in ("new_topology", "in_place")
+        ]
     for label, ms in rows:
         print(f"{label:<56}{ms:>10.1f} ms")
     if "note" in blender:
