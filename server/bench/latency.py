@@ -11,6 +11,8 @@
    frame to the pump having put it into the Blender mesh; the pump's own time per mesh tick; and the
    whole click-to-first-preview-shown time. Headless Blender draws no viewport, so the GPU upload of
    the redraw is not included. Skipped (with a note) where bpy is not installed.
+3. What a dense preview costs the pump (`pump_ms_50k`): the extension's own `apply_preview` on a
+   50k-vertex mesh, once as a new topology and once moving the vertices in place (median of 7).
 """
 
 from __future__ import annotations
