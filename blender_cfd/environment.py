@@ -81,10 +81,17 @@ def resolve_python(configured: str, default_venv: Path) -> Path | None:
     return candidate if candidate.exists() else None
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else all of them)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 2
+
+
 def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for the server: our folder first on PYTHONPATH, unbuffered, half the CPU threads.
 
-    Half the logical CPUs (one per physical core on most machines) leaves Blender's UI its own
+    Half the usable logical CPUs (one per physical core on most machines) leaves Blender's UI its own
     cores, so the server's OpenMP threads may spin between ops, which is what makes a CPU job fast:
     on 2 cores, the demo job took 38 s with one spinning thread against 66 s with two polite
     (OMP_WAIT_POLICY=PASSIVE) ones. A user's OMP_NUM_THREADS / OMP_WAIT_POLICY still win.
@@ -93,7 +100,7 @@ def server_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     paths = [str(EXTENSION_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // 2)))
     return env
 
 

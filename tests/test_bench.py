@@ -91,6 +91,14 @@ def test_the_judge_measures_foreground_against_each_images_own_background():
     assert foreground(tinted).mean() < 0.5
 
 
+def test_an_object_covering_most_of_the_border_is_measured_against_white():
+    image = np.ones((1, 32, 32, 3))
+    image[:, :, 6:26] = COLOURS["red"]  # 20 of 32 columns: the border's median is red
+    mask = foreground(image)[0]
+    assert mask[:, 6:26].all() and not mask[:, :6].any() and not mask[:, 26:].any()
+    assert judge(image)[0].colour == "red"
+
+
 def test_render_distance_is_zero_for_equal_results_and_rms_otherwise():
     black, white = np.zeros((4, 8, 8, 3)), np.ones((4, 8, 8, 3))
     assert quality.mean_pairwise_distance([black, black, black]) == 0.0

@@ -279,7 +279,7 @@ def test_environment_paths_and_setup_commands(tmp_path):
     assert commands[3][-2:] == ["-r", str(environment.REQUIREMENTS)]
     env = environment.server_environment({"PYTHONPATH": "/elsewhere"})
     assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/elsewhere"]
-    assert 1 <= int(env["OMP_NUM_THREADS"]) <= max(1, (os.cpu_count() or 2) // 2)  # Blender keeps cores
+    assert int(env["OMP_NUM_THREADS"]) == max(1, environment.usable_cpus() // 2)  # Blender keeps cores
     assert environment.server_environment({"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"
 
 

@@ -336,7 +336,7 @@ def main(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     seeds = list(range(args.seeds))
     start = time.perf_counter()
-    training = json.loads((SHAPES_WEIGHTS / "training.json").read_text())  # the prior is loaded right after
+    training = json.loads((SHAPES_WEIGHTS / "training.json").read_text())  # what the workers will load
     runs: list[Run] = []
     renders: dict[tuple[str, str, int], np.ndarray] = {}
     jobs = [
@@ -385,6 +385,7 @@ def main(args: argparse.Namespace) -> int:
             "command": "python -m server.bench " + " ".join(sys.argv[1:]),
             "prior_training_steps": training.get("steps"),
             "settings": {
+                "workers": args.workers,
                 "steps": args.steps,
                 "seeds": args.seeds,
                 "grid_resolution": args.grid_resolution,

@@ -19,7 +19,8 @@ from server.shading import BACKGROUND, sample_light_dirs
 from server.shapes.dataset import render_primitive
 from server.shapes.primitives import COLOURS, SHAPES
 
-FOREGROUND_THRESHOLD = 0.12  # max-channel distance from the white background
+FOREGROUND_THRESHOLD = 0.12  # max-channel distance from the image's background
+BACKGROUND_DRIFT = 0.25  # how far a sample's background may drift from the renders' white
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,18 @@ class Judgement:
 
 
 def background_colours(images: np.ndarray) -> np.ndarray:
-    """[N, 3]: each image's own background, the median of its border pixels.
+    """[N, 3]: each image's own background, the median of its border pixels when that is near white.
 
     A diffusion sample's plain background drifts a little from the training renders' white (a
     greyish tint in some seeds); measured against the fixed white, that tint would count as
-    foreground and turn a right sphere into a wrong cube.
+    foreground and turn a right sphere into a wrong cube. An object covering half the border or
+    more makes the median its own colour: then the renders' white is the better guess.
     """
     border = np.concatenate([images[:, 0], images[:, -1], images[:, 1:-1, 0], images[:, 1:-1, -1]], axis=1)
-    return np.median(border, axis=1)
+    median = np.median(border, axis=1)
+    white = np.asarray(BACKGROUND, dtype=median.dtype)
+    drifted = np.abs(median - white).max(axis=-1, keepdims=True) <= BACKGROUND_DRIFT
+    return np.where(drifted, median, white)
 
 
 def foreground(images: np.ndarray) -> np.ndarray:
