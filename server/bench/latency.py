@@ -4,13 +4,14 @@
    (`server.client.ServerProcess`, as Blender starts it) runs the CPU demo job; the time from sending
    `generate` to receiving the first `preview_mesh` frame, after one job has already loaded the prior
    (that first, cold job is reported too). Each job is cancelled once its first preview is in.
-2. Preview arrival to display in Blender: in a separate process with bpy (Blender as a module; bpy can
-   be imported once per process and keeps its threads apart), the extension's own `Controller` starts
-   the server and a job the way the Generate button does, and is pumped at the cadence of its timer
-   (`TICK_BUSY_SECONDS`). For each preview mesh, the time from the client's reader thread queueing the
-   frame to the pump having put it into the Blender mesh; the pump's own time per mesh tick; and the
-   whole click-to-first-preview-shown time. Headless Blender draws no viewport, so the GPU upload of
-   the redraw is not included. Skipped (with a note) where bpy is not installed.
+2. Preview arrival to display in Blender: in a separate process with bpy (`bench/blender_latency.py`,
+   Blender as a module; bpy can be imported once per process and keeps its threads apart), the
+   extension's own `Controller` starts the server and a job the way the Generate button does, and is
+   pumped at the cadence of its timer (`TICK_BUSY_SECONDS`). For each preview mesh, the time from the
+   client's reader thread queueing the frame to the pump having put it into the Blender mesh; the
+   pump's own time per mesh tick; and the whole click-to-first-preview-shown time. Headless Blender
+   draws no viewport, so the GPU upload of the redraw is not included. Skipped (with a note) where
+   bpy is not installed.
 3. What a dense preview costs the pump (`pump_ms_50k`): the extension's own `apply_preview` on a
    50k-vertex mesh, once as a new topology and once moving the vertices in place (median of 7).
 """
@@ -35,7 +36,6 @@ from server.client import Connection, ServerError, ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: the extension's folder and the server's cwd
 DEMO_JOB = {"prompt": "a red cube", "device": "cpu"}  # the CPU demo: JobSpec defaults otherwise
-EXTENSION = "blender_cfd_bench"  # the name the repository root is imported under in the bpy process
 TIMEOUT_S = 300.0
 
 
@@ -103,57 +103,6 @@ def server_latency(repeats: int, threads: int, job: dict = DEMO_JOB) -> dict:
 # ------------------------------------------------------------------------------- the Blender side
 
 
-def import_extension():
-    """The extension's controller module, with the repository root imported as the extension package."""
-    spec = importlib.util.spec_from_file_location(
-        EXTENSION, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-    )
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[EXTENSION] = package
-    spec.loader.exec_module(package)
-    return importlib.import_module(f"{EXTENSION}.blender_cfd.controller")
-
-
-def blender_side(repeats: int, previews: int, threads: int) -> dict:
-    """Runs inside the bpy process: click-to-first-preview and arrival-to-display with the real pump."""
-    import bpy
-
-    controller = import_extension()
-    extension = sys.modules[EXTENSION]
-    ctl = controller.Controller()
-    with tempfile.TemporaryDirectory(prefix="bench-latency-blender-") as out:
-        env = extension.blender_cfd.environment.server_environment()
-        env.update(OMP_NUM_THREADS=str(threads))
-        connection = extension.server.client.ServerProcess(
-            sys.executable, ["--output-root", out], cwd=ROOT, env=env
-        )
-        ctl.connection = connection
-        try:
-            connection.hello()
-            jobs = [
-                _pumped_job(ctl, bpy.context, previews, controller.TICK_BUSY_SECONDS)
-                for _ in range(1 + repeats)
-            ]
-        finally:
-            ctl.shutdown()
-        dense = dense_preview_ms(extension.blender_cfd.scene_objects, bpy)
-    warm = jobs[1:]  # the first job loaded the prior
-    shown = [1e3 * s for j in warm for s in j["arrival_to_display_s"]]
-    ticks = {kind: [1e3 * s for s in values] for kind, values in ctl.stats.ticks.items() if values}
-    return {
-        "tick_interval_ms": 1e3 * controller.TICK_BUSY_SECONDS,
-        "click_to_first_preview_shown_ms": round(
-            statistics.median(1e3 * j["click_to_shown_s"] for j in warm), 1
-        ),
-        "arrival_to_display_ms": round(statistics.median(shown), 2),
-        "arrival_to_display_ms_max": round(max(shown), 2),
-        "previews_timed": len(shown),
-        "preview_vertices": warm[-1]["vertices"],
-        "pump_ms": {kind: round(statistics.median(ms), 2) for kind, ms in ticks.items() if kind != "idle"},
-        "pump_ms_50k": dense,
-    }
-
-
 def ball(rings: int = 201, segments: int = 250) -> tuple[np.ndarray, np.ndarray]:
     """A closed UV sphere of (rings - 1) * segments + 2 vertices (50k by default) and its triangles."""
     theta = np.linspace(0.0, np.pi, rings + 1)[1:-1]
@@ -180,60 +129,13 @@ def ball(rings: int = 201, segments: int = 250) -> tuple[np.ndarray, np.ndarray]
     return positions, np.concatenate(faces).astype(np.int32)
 
 
-def dense_preview_ms(scene_objects, bpy, repeats: int = 7) -> dict:
-    """What the pump spends on a 50k-vertex preview: a new topology, then the same faces moved."""
-    positions, faces = ball()
-    colours = np.full((len(positions), 3), 200, dtype=np.uint8)
-    mesh = bpy.data.meshes.new("bench 50k preview")
-    timings: dict[str, list[float]] = {"new_topology": [], "in_place": []}
-    for repeat in range(repeats):
-        for kind in timings:
-            moved = positions * (1.0 + 0.01 * repeat)
-            start = time.perf_counter()
-            scene_objects.apply_preview(mesh, moved, faces, colours, same_topology=kind == "in_place")
-            timings[kind].append(1e3 * (time.perf_counter() - start))
-    assert len(mesh.vertices) == len(positions) and len(mesh.polygons) == len(faces)
-    bpy.data.meshes.remove(mesh)
-    return {"vertices": len(positions)} | {
-        kind: round(statistics.median(ms), 2) for kind, ms in timings.items()
-    }
-
-
-def _pumped_job(ctl, context, previews: int, tick_s: float) -> dict:
-    """Start the demo job as the Generate button does, pump it like the timer until `previews`
-    previews are shown, then cancel it and pump until the server confirms."""
-    start = time.perf_counter()
-    job_id = ctl.start(context, dict(DEMO_JOB), (0.0, 0.0, 0.0))
-    if job_id is None:
-        raise RuntimeError(f"the controller could not start the job: {ctl.error}")
-    delays = ctl.stats.preview_delays  # the pump notes each shown preview's arrival-to-display time
-    already, shown_step, first_shown, vertices = len(delays), -1, None, 0
-    deadline = time.monotonic() + TIMEOUT_S
-    while len(delays) - already < previews:
-        if time.monotonic() > deadline or not ctl.busy:
-            raise RuntimeError(f"no preview shown within {TIMEOUT_S:g} s; error: {ctl.error}")
-        ctl.tick()
-        now = time.perf_counter()
-        step = ctl.job.preview_step if ctl.job is not None else -1
-        if step > 0 and step != shown_step:
-            first_shown = first_shown or now
-            shown_step = step
-            vertices = len(context.scene.objects[ctl.job.object_name].data.vertices)
-        time.sleep(tick_s)
-    ctl.cancel()
-    while ctl.busy:
-        ctl.tick()
-        time.sleep(tick_s)
-    shown = list(delays)[already:]
-    return {"click_to_shown_s": first_shown - start, "arrival_to_display_s": shown, "vertices": vertices}
-
-
 def blender_latency(repeats: int, previews: int, threads: int) -> dict:
-    """`blender_side` in its own process (bpy is imported once per process); a note if bpy is missing."""
+    """`bench/blender_latency.py` in its own bpy process (the server never imports bpy, and bpy is
+    imported once per process); a note if bpy is missing."""
     if importlib.util.find_spec("bpy") is None:
         return {"note": "bpy (Blender as a module) is not installed; the Blender side was not measured"}
     command = [
-        sys.executable, "-m", "server.bench", "latency", "--in-blender",
+        sys.executable, str(ROOT / "bench" / "blender_latency.py"),
         "--repeats", str(repeats), "--previews", str(previews), "--threads", str(threads),
     ]  # fmt: skip
     result = subprocess.run(
@@ -257,7 +159,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="warm jobs per figure")
     parser.add_argument("--previews", type=int, default=6, help="previews timed per job in Blender")
     parser.add_argument("--threads", type=int, default=1, help="OMP/torch threads of the server")
-    parser.add_argument("--in-blender", action="store_true", help=argparse.SUPPRESS)
 
 
 def print_latency(result: dict) -> None:
@@ -287,9 +188,6 @@ def print_latency(result: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.in_blender:
-        print(json.dumps(blender_side(args.repeats, args.previews, args.threads)))
-        return 0
     result = measure_latency(args.repeats, args.threads, args.previews)
     print_latency(result)
     if args.json:
