@@ -311,8 +311,8 @@ def start_job(
     # in a varying order, and 40 steps amplified those last-bit differences into a different SDF
     # (max difference 0.06). The deterministic CPU kernels cost about 5 %. On CUDA the switch would
     # also pin cuDNN/cuBLAS algorithms at a larger cost, so GPU runs stay as fast as they can be.
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    # Set for every job: the flag is process-wide, and a server may run a CPU job then a CUDA one.
+    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
     if prior is None:
         stages = prior_stages(spec, device)
     else:

@@ -225,23 +225,12 @@ def score(prompt: str, mesh: Mesh) -> tuple[float | None, float | None, tuple[st
     return iou, error, outcome, render_views(mesh, DISTANCE_SIZE)
 
 
-def one_run(job: tuple[str, str, int, int, int, int]) -> tuple[Run, np.ndarray]:
-    """Generate and score one (prompt, method, seed): a worker process's unit of work."""
-    prompt, method, seed, steps, grid_resolution, render_size = job
-    spec = JobSpec.from_dict(
-        {
-            "prompt": prompt,
-            "seed": seed,
-            "method": method,
-            "steps": steps,
-            "grid_resolution": grid_resolution,
-            "render_size": render_size,
-            "device": "cpu",
-        }
-    )
+def one_run(job: dict) -> tuple[Run, np.ndarray]:
+    """Generate and score one job (prompt, method, seed and settings): a worker process's unit of work."""
     start = time.perf_counter()
-    mesh = generate(spec)
+    mesh = generate(JobSpec.from_dict(job))
     seconds = time.perf_counter() - start
+    prompt, method, seed = job["prompt"], job["method"], job["seed"]
     iou, error, outcome, views = score(prompt, mesh)
     return Run(prompt, method, seed, seconds, iou, error, *outcome, follows(prompt, outcome)), views
 
@@ -339,8 +328,9 @@ def main(args: argparse.Namespace) -> int:
     training = json.loads((SHAPES_WEIGHTS / "training.json").read_text())  # what the workers will load
     runs: list[Run] = []
     renders: dict[tuple[str, str, int], np.ndarray] = {}
+    settings = {"steps": args.steps, "grid_resolution": args.grid_resolution, "render_size": args.render_size}
     jobs = [
-        (prompt, method, seed, args.steps, args.grid_resolution, args.render_size)
+        {"prompt": prompt, "method": method, "seed": seed, **settings, "device": "cpu"}
         for prompt, method, seed in itertools.product(specific + open_prompts, methods, seeds)
     ]
     bar = tqdm(total=len(jobs), desc="quality", unit="run", file=sys.stderr, dynamic_ncols=True)
