@@ -1,4 +1,4 @@
-"""The Blender half of `python -m server.bench latency`: run by it in a bpy process of its own.
+"""The Blender half of `python -m server.bench latency` (`bench/latency.py`): run in a bpy process of its own.
 
     python bench/blender_latency.py [--repeats N --previews N --threads N]
 
@@ -24,39 +24,38 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.bench.latency import DEMO_JOB, TIMEOUT_S, ball  # noqa: E402
+from bench.latency import DEMO_JOB, TIMEOUT_S, ball  # noqa: E402
 
 EXTENSION = "blender_cfd_bench"  # the name the repository root is imported under here
 
 
 def import_extension():
-    """The extension's controller module, with the repository root imported as the extension package."""
+    """The extension's session module, with the repository root imported as the extension package."""
     spec = importlib.util.spec_from_file_location(
         EXTENSION, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
     )
     package = importlib.util.module_from_spec(spec)
     sys.modules[EXTENSION] = package
     spec.loader.exec_module(package)
-    return importlib.import_module(f"{EXTENSION}.blender_cfd.controller")
+    return importlib.import_module(f"{EXTENSION}.blender_cfd.session")
 
 
 def blender_side(repeats: int, previews: int, threads: int) -> dict:
     """Runs inside the bpy process: click-to-first-preview and arrival-to-display with the real pump."""
-    controller = import_extension()
+    session = import_extension()
     extension = sys.modules[EXTENSION]
-    ctl = controller.Controller()
+    ctl = session.Session()
     with tempfile.TemporaryDirectory(prefix="bench-latency-blender-") as out:
         env = extension.blender_cfd.environment.server_environment()
         env.update(OMP_NUM_THREADS=str(threads))
-        connection = extension.server.client.ServerProcess(
+        connection = extension.server.wire.client.ServerProcess(
             sys.executable, ["--output-root", out], cwd=ROOT, env=env
         )
         ctl.connection = connection
         try:
             connection.hello()
             jobs = [
-                _pumped_job(ctl, bpy.context, previews, controller.TICK_BUSY_SECONDS)
-                for _ in range(1 + repeats)
+                _pumped_job(ctl, bpy.context, previews, session.TICK_BUSY_SECONDS) for _ in range(1 + repeats)
             ]
         finally:
             ctl.shutdown()
@@ -65,7 +64,7 @@ def blender_side(repeats: int, previews: int, threads: int) -> dict:
     shown = [1e3 * s for j in warm for s in j["arrival_to_display_s"]]
     ticks = {kind: [1e3 * s for s in values] for kind, values in ctl.stats.ticks.items() if values}
     return {
-        "tick_interval_ms": 1e3 * controller.TICK_BUSY_SECONDS,
+        "tick_interval_ms": 1e3 * session.TICK_BUSY_SECONDS,
         "click_to_first_preview_shown_ms": round(
             statistics.median(1e3 * j["click_to_shown_s"] for j in warm), 1
         ),
@@ -103,7 +102,7 @@ def _pumped_job(ctl, context, previews: int, tick_s: float) -> dict:
     start = time.perf_counter()
     job_id = ctl.start(context, dict(DEMO_JOB), (0.0, 0.0, 0.0))
     if job_id is None:
-        raise RuntimeError(f"the controller could not start the job: {ctl.error}")
+        raise RuntimeError(f"the session could not start the job: {ctl.error}")
     delays = ctl.stats.preview_delays  # the pump notes each shown preview's arrival-to-display time
     already, shown_step, first_shown, vertices = len(delays), -1, None, 0
     deadline = time.monotonic() + TIMEOUT_S

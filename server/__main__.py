@@ -11,10 +11,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "ddim-check": ("server.ddim_check", "prove the clean flow equals DDIM sampling (2-D)"),
-    "sample": ("server.sample", "plain DDIM sampling from a prior, to check it loads and follows prompts"),
+    "ddim-check": ("server.distill.ddim_check", "prove the clean flow equals DDIM sampling (2-D)"),
+    "sample": (
+        "server.priors.sample",
+        "plain DDIM sampling from a prior, to check it loads and follows prompts",
+    ),
     "serve": ("server.serve", "run the server Blender talks to (stdin/stdout, or TCP with --listen)"),
-    "generate": ("server.generate", "run a text-to-3D job headless and write the asset"),
+    "generate": ("server.pipeline.cli", "run a text-to-3D job headless and write the asset"),
 }
 
 

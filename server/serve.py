@@ -30,8 +30,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from server import __version__, protocol
-from server.job import Cancelled, JobEvents, JobSpec, JobSpecError, MissingWeightsError, NonFiniteError
+from server import __version__
+from server.job.errors import Cancelled, JobSpecError, MissingWeightsError, NonFiniteError
+from server.job.events import JobEvents
+from server.job.spec import JobSpec
+from server.wire import protocol
 
 log = logging.getLogger("server.serve")
 
@@ -50,31 +53,39 @@ RESYNC_FIX = "the byte stream is out of sync; reconnect (the extension restarts 
 
 def default_runner(spec: JobSpec, init_mesh, emit: JobEvents, should_cancel: Callable[[], bool]) -> dict:
     """The real generator, imported on first use so the server answers hello and ping at once."""
-    from server.generate import run_job
+    from server.pipeline.run import run_job
 
     return run_job(spec, init_mesh, emit, should_cancel)
 
 
-def describe_environment() -> dict[str, Any]:
-    """Fields of the server's hello: versions and the device a job with device "auto" gets."""
-    info = {
+def hello_fields(device: str, device_name: str) -> dict[str, Any]:
+    """The hello's fields before torch is asked anything: versions, and the device as given."""
+    return {
         "server_version": __version__,
         "python": platform.python_version(),
         "torch": None,
         "cuda": None,
-        "device": "cpu",
-        "device_name": platform.processor() or platform.machine(),
+        "device": device,
+        "device_name": device_name,
     }
+
+
+def describe_environment() -> dict[str, Any]:
+    """Fields of the server's hello: versions and the device a job with device "auto" gets."""
+    info = hello_fields("cpu", platform.processor() or platform.machine())
     try:
         import torch
+
+        from server.device import detect_device
     except ImportError:
         return info
     info.update(torch=torch.__version__, cuda=torch.version.cuda)
-    if torch.cuda.is_available():
+    device = detect_device()
+    if device == "cuda":
         properties = torch.cuda.get_device_properties(0)
         vram_gb = round(properties.total_memory / 2**30, 1)
         info.update(device="cuda", device_name=properties.name, vram_gb=vram_gb)
-    elif torch.backends.mps.is_available():
+    elif device == "mps":
         info.update(device="mps", device_name="Apple GPU (MPS)")
     return info
 
@@ -234,14 +245,7 @@ class Server:
         """The hello fields. A broken torch install is reported here rather than killing the server,
         so the extension can show it (`environment_error`) and still ping, cancel and shut down."""
         if self._info is None:
-            base = {
-                "server_version": __version__,
-                "python": platform.python_version(),
-                "torch": None,
-                "cuda": None,
-                "device": "unavailable",
-                "device_name": "",
-            }
+            base = hello_fields("unavailable", "")
             try:
                 self._info = {**base, **self.describe()}
             except Exception as error:
@@ -492,7 +496,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output-root", type=Path, default=Path("outputs"), help="default output: ROOT/JOB_ID"
     )
     parser.add_argument(
-        "--runner", metavar="MODULE:FUNCTION", help="job function instead of server.generate.run_job"
+        "--runner", metavar="MODULE:FUNCTION", help="job function instead of server.pipeline.run.run_job"
     )
     parser.add_argument(
         "--describe", metavar="MODULE:FUNCTION", help="hello fields function instead of the torch probe"

@@ -1,7 +1,7 @@
 """A quick, model-free job for the Blender extension's tests: `serve --runner blender_fake_runner:run_job`.
 
 It speaks the real protocol through the real server and writes a real asset with the real exporter
-(`server.export.bake_and_export`: clean, unwrap, bake, GLB), so the extension's whole path from
+(`server.pipeline.export.bake_and_export`: clean, unwrap, bake, GLB), so the extension's whole path from
 Generate to a textured variant runs in seconds. The shape is a sphere with seeded bumps that grows
 over a few steps, so the seed decides the asset: same seed, same GLB. Halfway the sphere is
 subdivided once more, so the previews change topology once (the slow path) and keep it otherwise
@@ -22,8 +22,10 @@ import numpy as np
 import trimesh
 from PIL import Image
 
-from server.export import bake_and_export
-from server.job import Cancelled, JobEvents, JobSpec
+from server.job.errors import Cancelled
+from server.job.events import JobEvents
+from server.job.spec import JobSpec
+from server.pipeline.export import bake_and_export
 
 STEPS = 6
 STEPS_50K_HALF = 4

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from server.job import Cancelled, JobEvents, JobSpec, NonFiniteError
+from server.job.errors import Cancelled, NonFiniteError
+from server.job.events import JobEvents
+from server.job.spec import JobSpec
 
 STEP_SECONDS = 0.05
 OCTAHEDRON = (

@@ -11,9 +11,13 @@ import pytest
 import torch
 import trimesh
 
-from server.bench import latency, quality, step
-from server.generate import Events, optimisation_step, run_job, start_job
-from server.job import Cancelled, JobSpec
+from bench import latency, quality, step
+from server.job.errors import Cancelled
+from server.job.events import Events
+from server.job.spec import JobSpec
+from server.pipeline.run import run_job
+from server.pipeline.setup import start_job
+from server.pipeline.step import optimisation_step
 from server.shapes.classify import foreground, judge
 from server.shapes.dataset import build_dataset
 from server.shapes.primitives import COLOURS, CUBE_HALF, SHAPES, SPHERE_RADIUS
@@ -178,7 +182,7 @@ def test_quality_ends_with_the_figures_per_method_and_draws_a_grid(tmp_path, cap
 
 
 def test_step_ends_with_both_priors_figures(monkeypatch, capsys):
-    from server.priors.tiny import tiny_unet, tiny_vae
+    from server.testing.tiny import tiny_unet, tiny_vae
 
     monkeypatch.setattr(step, "sd21_unet_config", lambda: tiny_unet(4, 8).config)
     monkeypatch.setattr(step, "sd_vae_config", lambda: tiny_vae().config)

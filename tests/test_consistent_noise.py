@@ -16,12 +16,19 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from server.analytic_geometry import Box, Sphere, orbit_camera, render_query, rotation_z, surface_samples
-from server.bench.noise import correlation_at_corresponding_points, iid_statistics
-from server.cameras import OrbitRig
-from server.consistent_noise import ConsistentNoise, HashedWhiteNoise, hash64, splitmix64
-from server.noise import FixedNoise, FreshNoise, NoiseQuery
-from server.worldmap_noise import WorldMapNoise
+from bench.noise import correlation_at_corresponding_points, iid_statistics
+from server.noise.base import FixedNoise, FreshNoise, NoiseQuery
+from server.noise.consistent import ConsistentNoise, HashedWhiteNoise, hash64, splitmix64
+from server.noise.worldmap import WorldMapNoise
+from server.render.cameras import OrbitRig
+from server.testing.analytic_geometry import (
+    Box,
+    Sphere,
+    orbit_camera,
+    render_query,
+    rotation_z,
+    surface_samples,
+)
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")

@@ -11,15 +11,15 @@ import torch
 from diffusers import DDIMScheduler
 from scipy import stats
 
-from server.distill import (
+from server.distill.schedule import AnnealedTimesteps, NoiseSchedule, RandomTimesteps, lambda_steps
+from server.distill.update import (
     CFGForm,
     Weighting,
     classifier_free_guidance,
     distillation_step,
 )
-from server.job import NonFiniteError
-from server.noise import FixedNoise, FreshNoise, NoiseQuery, mix_in_fresh
-from server.schedule import AnnealedTimesteps, NoiseSchedule, RandomTimesteps, lambda_steps
+from server.job.errors import NonFiniteError
+from server.noise.base import FixedNoise, FreshNoise, NoiseQuery, mix_in_fresh
 
 
 def sd_schedule() -> NoiseSchedule:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.clean_flow import clean_flow_2d, ddim_reference, ddim_timesteps_of
-from server.ddim_check import analytic_prior, compare
-from server.distill import CFGForm, distillation_step
-from server.noise import FixedNoise, FreshNoise, NoiseQuery
-from server.schedule import NoiseSchedule
+from server.distill.clean_flow import clean_flow_2d, ddim_reference, ddim_timesteps_of
+from server.distill.ddim_check import analytic_prior, compare
+from server.distill.schedule import NoiseSchedule
+from server.distill.update import CFGForm, distillation_step
+from server.noise.base import FixedNoise, FreshNoise, NoiseQuery
 
 STEPS, GUIDANCE = 20, 4.0
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 import trimesh
 
-from server.dmtet import CASE_TABLE, CASE_TRIANGLES, DMTet, TriangleMesh, fit_into_box
-from server.mesh_sdf import lattice_inside, lattice_signed_distance, point_triangle_distance
-from server.regularizers import laplacian_smoothness, mesh_edges, normal_consistency, sdf_sign_change
-from server.tetgrid import TET_EDGE_CORNERS, kuhn_grid, lattice_vertices, tet_volumes
-from server.texture_field import HashGridEncoding, TextureField, default_encoding
+from server.geometry.dmtet import CASE_TABLE, CASE_TRIANGLES, DMTet, TriangleMesh, fit_into_box
+from server.geometry.mesh_sdf import lattice_inside, lattice_signed_distance, point_triangle_distance
+from server.geometry.regularizers import laplacian_smoothness, mesh_edges, normal_consistency, sdf_sign_change
+from server.geometry.tetgrid import TET_EDGE_CORNERS, kuhn_grid, lattice_vertices, tet_volumes
+from server.geometry.texture_field import HashGridEncoding, TextureField, default_encoding
 
 DEVICE = torch.device("cpu")
 

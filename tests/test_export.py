@@ -15,7 +15,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from server import export
+from server.pipeline import export
 
 CENTER = np.array([0.1, -0.05, 0.05])
 SEMI_AXES = np.array([0.5, 0.7, 0.9])  # Z extent 1.8 differs from Y extent 1.4: a tipped object shows

@@ -1,4 +1,5 @@
-"""The CPU proof fit (`server.fit`): DMTet + texture field recover a red box and a blue sphere from renders.
+"""The CPU proof fit (`server.testing.fit`): DMTet + texture field recover a red box and a blue
+sphere from renders.
 
 The bounds were set from measured fits (grid 16, 64^2 renders, 200 steps, seeds 0-2: IoU 0.92-0.94,
 colour error 0.014-0.017, render error 0.044-0.049) with margin, and fail for a broken pipeline: with
@@ -14,7 +15,8 @@ import pytest
 import torch
 import trimesh
 
-from server.fit import (
+from server.shapes.primitives import COLOURS
+from server.testing.fit import (
     FitSettings,
     box_and_sphere_target,
     fit_metrics,
@@ -22,7 +24,6 @@ from server.fit import (
     surface_color_error,
     volumetric_iou,
 )
-from server.shapes.primitives import COLOURS
 
 DEVICE = torch.device("cpu")
 MIN_IOU = 0.85

@@ -20,8 +20,9 @@ import pytest
 import trimesh
 from PIL import Image
 
-from server.client import ConnectionClosed, ServerProcess
-from server.job import Cancelled, JobSpec
+from server.job.errors import Cancelled
+from server.job.spec import JobSpec
+from server.wire.client import ConnectionClosed, ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 FINAL = {"done", "cancelled", "error"}
@@ -49,7 +50,7 @@ class Recorder:
 
 
 def run(tmp_path: Path, seed: int, **settings):
-    from server.generate import run_job
+    from server.pipeline.run import run_job
 
     spec = JobSpec.from_dict(
         {"prompt": "a red cube", "seed": seed, "output_dir": str(tmp_path), **QUICK, **settings}
@@ -93,7 +94,7 @@ def test_outputs_are_complete_and_self_describing(tmp_path: Path):
 
 
 def test_texture_milestones_start_at_the_geometry_freeze_and_spread_over_the_colour_phase():
-    from server.generate import texture_milestones
+    from server.pipeline.setup import texture_milestones
 
     assert texture_milestones(300, 400) == {300, 333, 366}
     assert texture_milestones(4, 6) == {4, 5}
@@ -102,7 +103,7 @@ def test_texture_milestones_start_at_the_geometry_freeze_and_spread_over_the_col
 
 
 def test_cancel_stops_within_a_step(tmp_path: Path):
-    from server.generate import run_job
+    from server.pipeline.run import run_job
 
     spec = JobSpec.from_dict({"prompt": "a cube", "output_dir": str(tmp_path), **QUICK, "steps": 500})
     events = Recorder()
@@ -209,7 +210,7 @@ def test_the_command_line_rerolls_variants_into_assets_and_a_grid(tmp_path: Path
 def test_guidance_is_the_jobs_else_the_priors_own():
     import torch
 
-    from server.generate import prior_stages
+    from server.pipeline.setup import prior_stages
     from server.priors import SHAPES_GUIDANCE, MVDreamPrior, Prior
 
     assert JobSpec.from_dict({"prompt": "a cube"}).guidance_scale is None
@@ -221,7 +222,7 @@ def test_guidance_is_the_jobs_else_the_priors_own():
 
 
 def test_a_jobs_texture_planes_are_no_finer_than_its_renders():
-    from server.generate import start_job
+    from server.pipeline.setup import start_job
 
     for render_size in (32, 64, 128):
         state = start_job(JobSpec.from_dict({"prompt": "a cube", **QUICK, "render_size": render_size}), None)
@@ -234,7 +235,8 @@ def test_a_jobs_texture_planes_are_no_finer_than_its_renders():
 def test_two_cpu_threads_give_the_same_steps_twice():
     import torch
 
-    from server.generate import optimisation_step, start_job
+    from server.pipeline.setup import start_job
+    from server.pipeline.step import optimisation_step
 
     def sdf_and_colours_after(steps: int) -> list:
         state = start_job(JobSpec.from_dict({"prompt": "a red cube", "steps": 400, "device": "cpu"}), None)

@@ -10,9 +10,11 @@ import math
 import numpy as np
 import pytest
 
-from server import protocol
-from server.cameras import look_at, orbit_c2w
-from server.job import JobEvents, JobSpec, JobSpecError, OrbitSpec
+from server.job.errors import JobSpecError
+from server.job.events import JobEvents
+from server.job.spec import JobSpec, OrbitSpec
+from server.render.cameras import look_at, orbit_c2w
+from server.wire import protocol
 
 EYE4 = np.eye(4).tolist()
 SCALED = (np.diag([2.0, 2.0, 2.0, 1.0])).tolist()

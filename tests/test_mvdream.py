@@ -2,7 +2,7 @@
 loading both released weight layouts offline, the cross-view attention, the prior's contract, and
 CFD jobs with MVDream (and MVDream chained into Stable Diffusion) through the generator and a server.
 
-The models are tiny random ones built here (server.priors.tiny.build_tiny_mvdream): they check the
+The models are tiny random ones built here (server.testing.tiny.build_tiny_mvdream): they check the
 plumbing and every invariant, never image quality, which needs the real weights.
 """
 
@@ -25,10 +25,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from scipy import stats
 
-from server.bench.prior import sd21_unet_config
-from server.cameras import look_at
-from server.job import JobSpec, MissingWeightsError
-from server.mvdream_cameras import MultiViewRig, camera_embedding, mvdream_orbit_c2w
+from bench.prior import sd21_unet_config
+from server.job.errors import MissingWeightsError
+from server.job.spec import JobSpec
 from server.priors.mvdream import (
     DEFAULT_SOURCE,
     ORIGINAL_FILE,
@@ -41,7 +40,9 @@ from server.priors.mvdream import (
     load_multiview_unet,
     read_unet_state,
 )
-from server.priors.tiny import (
+from server.render.cameras import look_at
+from server.render.mvdream_cameras import MultiViewRig, camera_embedding, mvdream_orbit_c2w
+from server.testing.tiny import (
     LATENT_SIZE,
     build_tiny_mvdream,
     ldm_unet_state,
@@ -447,11 +448,11 @@ def test_predict_eps_is_one_call_on_the_cfg_batch_with_each_views_camera(mv):
 def test_the_four_views_of_a_group_get_one_surface_attached_noise():
     """CFD's provider is stateless per view: a view's noise is the same alone or inside its group of 4,
     so one query per step gives every view of every group the noise of the one surface."""
-    from server.consistent_noise import ConsistentNoise
-    from server.dmtet import DMTet
-    from server.noise import NoiseQuery
-    from server.render import render_mesh
-    from server.tetgrid import kuhn_grid
+    from server.geometry.dmtet import DMTet
+    from server.geometry.tetgrid import kuhn_grid
+    from server.noise.base import NoiseQuery
+    from server.noise.consistent import ConsistentNoise
+    from server.render.mesh import render_mesh
 
     geometry = DMTet(kuhn_grid(12, radius=1.0), device="cpu")
     geometry.init_sphere(0.5)
@@ -493,8 +494,8 @@ def test_a_cfd_job_gives_mvdream_groups_of_4_views_then_chains_into_sd(
 ):
     """MVDream steps: whole groups of 4 views with their cameras and one timestep, their noise from
     one query of the CFD provider; after chain_at, Stable Diffusion steps with single views."""
-    from server.consistent_noise import ConsistentNoise
-    from server.generate import run_job
+    from server.noise.consistent import ConsistentNoise
+    from server.pipeline.run import run_job
     from server.priors import DiffusersPrior
 
     calls, queries = [], []
@@ -531,7 +532,7 @@ def test_a_cfd_job_gives_mvdream_groups_of_4_views_then_chains_into_sd(
 
 
 def test_mvdream_jobs_run_through_a_server_and_missing_weights_say_how_to_get_them(tiny, tmp_path):
-    from server.client import ServerProcess
+    from server.wire.client import ServerProcess
 
     env = {
         **os.environ,

@@ -26,8 +26,8 @@ from server.priors import (
     view_suffix_index,
 )
 from server.priors.base import BACK, FRONT, OVERHEAD, SIDE
-from server.priors.tiny import LATENT_SIZE, PIXEL_SIZE, sd_scheduler
-from server.sample import image_grid, sample_images
+from server.priors.sample import image_grid, sample_images
+from server.testing.tiny import LATENT_SIZE, PIXEL_SIZE, sd_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -457,7 +457,7 @@ def test_the_benchmark_builds_sd21_sized_models():
     """The written-out configs give SD 2.1-base's parameter counts (865.9M UNet, 83.7M VAE)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from server.bench.prior import sd21_unet_config, sd_vae_config
+    from bench.prior import sd21_unet_config, sd_vae_config
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**sd21_unet_config())

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server import protocol
-from server.protocol import ProtocolError, decode_frame, encode_frame
+from server.wire import protocol
+from server.wire.protocol import ProtocolError, decode_frame, encode_frame
 
 RNG = np.random.default_rng(7)
 POSITIONS = RNG.normal(size=(50, 3)).astype(np.float32)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from server import raster
-from server.raster import antialias, interpolate, opposite_vertices, rasterize
+from server.render import raster
+from server.render.raster import antialias, interpolate, opposite_vertices, rasterize
 
 
 def clip(xy_z_w: list[list[float]], dtype=torch.float64) -> torch.Tensor:

@@ -10,10 +10,10 @@ import torch
 import trimesh
 from scipy import stats
 
-from server.cameras import Camera, camera_rays, look_at, orbit_c2w
-from server.render import lambert, render_mesh, sample_light_dirs, vertex_normals
-from server.shading import AMBIENT, DIFFUSE, lambert_np
-from server.shading import sample_light_dirs as sample_light_dirs_np
+from server.render.cameras import Camera, camera_rays, look_at, orbit_c2w
+from server.render.mesh import lambert, render_mesh, sample_light_dirs, vertex_normals
+from server.render.shading import AMBIENT, DIFFUSE, lambert_np
+from server.render.shading import sample_light_dirs as sample_light_dirs_np
 
 
 def sphere(subdivisions: int, radius: float, centre=(0.0, 0.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +240,7 @@ def test_lambert_is_the_shared_shading_model():
 
 
 def test_light_directions_follow_the_shapes_prior_training_distribution():
-    # The optimiser must light its renders like the prior's training images (server.shading).
+    # The optimiser must light its renders like the prior's training images (server.render.shading).
     position = np.array([2.5, 0.3, 0.9])
     ours = sample_light_dirs(torch.tensor(position).expand(3000, 3), torch.Generator().manual_seed(0)).numpy()
     theirs = sample_light_dirs_np(np.random.default_rng(0), np.broadcast_to(position, (3000, 3)))

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server import protocol
-from server.client import Connection, ConnectionClosed, ServerError, ServerProcess, TcpConnection
-from server.job import Cancelled, JobSpecError, MissingWeightsError, NonFiniteError
+from server.job.errors import Cancelled, JobSpecError, MissingWeightsError, NonFiniteError
 from server.serve import classify_exception, serve
+from server.wire import protocol
+from server.wire.client import Connection, ConnectionClosed, ServerError, ServerProcess, TcpConnection
 from tests import fake_runner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -405,7 +405,7 @@ def _gone(pid: int) -> bool:
 def test_transport_killing_the_client_stops_the_server(tmp_path: Path) -> None:
     client_script = f"""
 import sys, time
-from server.client import ServerProcess
+from server.wire.client import ServerProcess
 server = ServerProcess(sys.executable, {[*FAKE, "--output-root", str(tmp_path)]!r}, cwd={str(REPO)!r})
 server.hello(timeout=30)
 server.generate("long", {{"prompt": "x", "steps": 10000}})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from server.job import MissingWeightsError
+from server.job.errors import MissingWeightsError
 from server.priors.base import (
     VIEW_SUFFIXES,
     Prior,

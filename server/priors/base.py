@@ -2,7 +2,7 @@
 
 A prior turns renders into its own space (`encode_images`, with gradient), embeds prompts once
 (`encode_prompt`, cached), and predicts noise for a batch under classifier-free guidance in one
-network call (`predict_eps`). The distillation loop (`server.distill`) sees nothing else, so the
+network call (`predict_eps`). The distillation loop (`server.distill.update`) sees nothing else, so the
 Stable Diffusion prior, the project's pixel-space shapes prior and the closed-form empirical prior
 are interchangeable.
 """
@@ -30,7 +30,7 @@ def view_suffix_index(elevation_deg: float, azimuth_deg: float, front_azimuth_de
     strictly within 45 degrees of the front, back when strictly within 45 degrees of the back, and
     side in between (the boundaries at exactly 45 and 135 degrees are side).
 
-    Azimuths follow `server.cameras.orbit_c2w` (0 on +X, counter-clockwise seen from +Z), and the
+    Azimuths follow `server.render.cameras.orbit_c2w` (0 on +X, counter-clockwise seen from +Z), and the
     object's front is where `front_azimuth_deg` points: 0 (+X) as in threestudio by default;
     -90 puts the front towards Blender's Front view (a camera on -Y).
     """
@@ -70,7 +70,7 @@ class Prior:
 
     Conventions: images enter as the renderer's [B, H, W, 3] in [0, 1], row 0 = top; latents are
     [B, C, h, w]; `predict_eps` returns (eps_cond, eps_uncond) -- conditional first, as threestudio
-    does -- and the CFG combination is the caller's (`server.distill`). Latents and predictions come
+    does -- and the CFG combination is the caller's (`server.distill.update`). Latents and predictions come
     out in `output_dtype`: float32, or float64 for a prior run in float64 (exactness tests).
     """
 

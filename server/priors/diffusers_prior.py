@@ -27,7 +27,7 @@ from huggingface_hub.errors import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from server.job import MissingWeightsError
+from server.job.errors import MissingWeightsError
 from server.priors.base import (
     Prior,
     cfg_batch,

@@ -26,7 +26,7 @@ first). The UNet configuration comes from unet/config.json, or, for a bare check
 the tensor shapes; what shapes cannot tell (64-channel heads, 32x32 latents) is MVDream's.
 The code is the project's own: the public converter repository has no licence.
 
-Camera convention and group sampling: `server.mvdream_cameras`.
+Camera convention and group sampling: `server.render.mvdream_cameras`.
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ from huggingface_hub.errors import (
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from server.job import MissingWeightsError
-from server.mvdream_cameras import VIEWS_PER_GROUP, camera_embedding
+from server.job.errors import MissingWeightsError
 from server.priors.base import Prior, cfg_batch
 from server.priors.diffusers_prior import WEIGHT_SUFFIXES, DiffusersPrior, check_folder, hub_offline
+from server.render.mvdream_cameras import VIEWS_PER_GROUP, camera_embedding
 
 DEFAULT_SOURCE = "ashawkey/mvdream-sd2.1-diffusers"
 ORIGINAL_REPO = "MVDream/MVDream"

@@ -14,8 +14,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from server.cameras import Camera, OrbitRig, orbit_c2w
-from server.shading import BACKGROUND, sample_light_dirs
+from server.render.cameras import Camera, OrbitRig, orbit_c2w
+from server.render.shading import BACKGROUND, sample_light_dirs
 from server.shapes.dataset import render_primitive
 from server.shapes.primitives import COLOURS, SHAPES
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from server.cameras import Camera, OrbitRig, camera_rays, orbit_c2w
-from server.shading import BACKGROUND, lambert_np, sample_light_dirs
+from server.render.cameras import Camera, OrbitRig, camera_rays, orbit_c2w
+from server.render.shading import BACKGROUND, lambert_np, sample_light_dirs
 from server.shapes.primitives import COLOURS, SHAPES, caption, sdf
 
 SUPERSAMPLE = 2

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from server.priors import load_prior
-from server.sample import image_grid, sample_images
+from server.priors.sample import image_grid, sample_images
 from server.shapes.classify import judge
 from server.shapes.dataset import build_dataset
 from server.shapes.primitives import COLOURS, SHAPES, caption

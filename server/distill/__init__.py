@@ -1,0 +1,1 @@
+"""The distillation update shared by SDS, FSD and CFD, its schedules, the clean flow and the DDIM check."""

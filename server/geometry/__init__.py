@@ -1,0 +1,1 @@
+"""The shape being optimised: tetrahedral grid, DMTet, SDF queries, regularisers, colour field."""

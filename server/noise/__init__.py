@@ -1,0 +1,1 @@
+"""Where the distillation noise eps_tilde comes from: fresh, world-map (FSD) or surface-attached (CFD)."""

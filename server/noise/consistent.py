@@ -1,0 +1,475 @@
+"""CFD's multi-view-consistent Gaussian noise: exactly i.i.d. N(0, 1) within a view, attached to the surface.
+
+Why: CFD adds to every rendered view a noise eps_tilde(theta, c) that the diffusion model must see as
+i.i.d. N(0, 1) at latent resolution, yet that follows the object's surface, so that one surface patch
+seen from two cameras receives the same noise (the 3-D analogue of the clean flow's fixed noise).
+Like "How I Warped Your Noise" and the reference code, a latent pixel's noise is the integral of a
+fine white noise W over the surface it sees, normalised by sqrt(area):
+
+    eps(p) = sum_{cells in footprint(p)} W(cell) / sqrt(count(p))
+
+a *sum* over *disjoint* cells, so each pixel is exactly N(0, 1) and pixels are independent, while two
+views of one patch integrate the same cells (correlation |A cap B| / sqrt(|A| |B|)).
+
+The reference stores W as a [6 charts, 4 radial shells, 2048, 2048, 4] texture (1.6 GB) and rasterises
+24 times at 2048^2 per view. This module needs no texture and keeps the guarantees exact:
+
+1. Cells without storage. W lives on unbounded integer lattices, one per chart: (chart, i, j, k) with
+   (i, j) a texel of the chart and k a depth slab. A cell holds C values computed on demand by a
+   counter-based hash (splitmix64 of the packed cell and the seed, then Box-Muller), so any cell is
+   reproducible anywhere without being stored.
+2. Charts. Six radial charts, the cube map of directions from the object's centre (gnomonic, so a
+   triangle stays a triangle, 1 / distance-along-the-axis is affine over it, and each direction lies
+   on exactly one face), with slabs k = floor(|p| / slab + jitter(chart, i, j)) in the radius, as the
+   reference's direction x radial-shell charts: a surface moving along its normal on a roughly
+   star-shaped object stays in its radial cells. Plus three parallel charts, the planes orthogonal to
+   x, y and z with slabs in the coordinate along the axis, their texels as large in world units as the
+   cube map's in gnomonic units (a fifth of the cells at radius 0.6): a surface element with normal n
+   projects onto them with total area (|n_x| + |n_y| + |n_z|) A >= A, so no surface is degenerate for
+   the whole set (the radial charts alone are, on surfaces that pass through the centre, where the
+   reference falls back to background noise).
+3. Footprints. As in the reference, the (h+1) x (w+1) latent-cell corners are masked averages of the
+   true surface hits in a window around each corner, two triangles per latent pixel; a triangle is
+   foreground if its three corners are opaque. A small rasteriser (below) covers each chart's texel
+   centres with the triangles projected onto that chart, interpolating the depth.
+4. Exact ownership. Along each texel column (chart, i, j) the nearest and the farthest crossing of
+   this view's triangles own the cell in their own slab; the farthest only if its slab differs from
+   the nearest's. So every cell belongs to at most one latent pixel of a view: disjoint sets of i.i.d.
+   cells, hence independent pixels, each exactly N(0, 1) when its count is > 0. `Footprints.cells`
+   exposes the owned cells so tests can check the disjointness directly. The slab is chosen per texel
+   sample from its own depth, so no triangle "straddles" anything (the reference drops triangles that
+   straddle its shells to background noise); the per-column jitter makes a surface moving in depth
+   by d switch only a fraction d / slab of its cells instead of whole shells at once; slabs keep far
+   apart surfaces on one column from sharing noise across views. No clipping: the lattices are unbounded.
+5. Geometry in, noise out. Callers pass the true ray hits (origin + t_hit * direction), never a
+   clip-space depth (the reference's mesh path mistakes that for the ray distance).
+6. SDE re-injection, exact without a stored texture. Each cell evolves as
+   W_k = A cos(Omega L_k) + B sin(Omega L_k), with A, B ~ N(0, I_C) and Omega ~ Cauchy(0, 1) per cell
+   (all hashed) and L_k = sum over re-injections of -log(sqrt(1 - gamma)). For every k, W_k is exactly
+   N(0, I_C) and i.i.d. over cells (a rotation of the Gaussian pair (A, B)), and the correlation
+   between steps j < k is E[cos(Omega (L_k - L_j))] = exp(-(L_k - L_j)) = prod sqrt(1 - gamma): the
+   first two moments of eps <- sqrt(1 - gamma) eps + sqrt(gamma) xi exactly, at O(1) cost per cell
+   whatever the number of steps. A latent pixel sums a hundred cells or more, so its path over steps
+   is Gaussian to the central limit. gamma = 1 starts a fresh, independent lattice.
+7. Background pixels (no foreground triangle, or a footprint that owns no cell) take a fixed
+   screen-space noise shared by all views and re-injected like the cells ("fixed"), or fresh noise
+   at every call ("fresh").
+
+Cost per view: the cells one view touches (at the default texel, 2 / (5 max(h, w)), about 150 per
+latent pixel on a sphere of radius 0.6 seen from radius 2.4 with fovy 40; the count grows as
+1 / radius^2 on the radial charts), a z-buffer pair per chart over the footprint's bounding box, and
+the rasteriser's spans in chunks of `_CHUNK`; no state beyond the background noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from server.noise.base import NoiseProvider, NoiseQuery, mix_in_fresh
+
+_U64 = (1 << 64) - 1
+
+
+def _int64(value: int) -> int:
+    """The int64 with the same bit pattern as the uint64 `value`."""
+    value &= _U64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MUL1, _MUL2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_JITTER_SALT = _int64(0xC2B2AE3D27D4EB4F)
+
+
+def splitmix64(x: int) -> int:
+    """splitmix64's finaliser on a Python int: the reference for `hash64` (salts, tests)."""
+    x &= _U64
+    x = ((x ^ (x >> 30)) * _MUL1) & _U64
+    x = ((x ^ (x >> 27)) * _MUL2) & _U64
+    return x ^ (x >> 31)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of uint64 bit patterns held in int64 (torch shifts int64 arithmetically)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def hash64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser, a bijection of 64-bit patterns, on int64 tensors (products wrap mod 2^64)."""
+    x = (x ^ _shift_right(x, 30)) * _int64(_MUL1)
+    x = (x ^ _shift_right(x, 27)) * _int64(_MUL2)
+    return x ^ _shift_right(x, 31)
+
+
+def _uniform_pair(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent uniforms in (0, 1) from the top and bottom 24 bits of a 64-bit hash."""
+    scale = 2.0**-24
+    high = (_shift_right(h, 40).to(torch.float32) + 0.5) * scale
+    low = (((h >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * scale
+    return high, low
+
+
+# Packed cell: chart (4 bits) | slab + 2^13 (14 bits) | i + 2^21 (22 bits) | j + 2^21 (22 bits) = 62 bits.
+_SLAB_HALF, _TEXEL_HALF = 1 << 13, 1 << 21
+
+
+def pack_cells(
+    chart: torch.Tensor | int, i: torch.Tensor, j: torch.Tensor, slab: torch.Tensor
+) -> torch.Tensor:
+    """One int64 per lattice cell (distinct cells give distinct integers)."""
+    for name, value, half in (
+        ("texel", i, _TEXEL_HALF),
+        ("texel", j, _TEXEL_HALF),
+        ("slab", slab, _SLAB_HALF),
+    ):
+        if value.numel() and int(value.abs().max()) >= half:
+            raise ValueError(
+                f"a surface point lies too far from the origin for the noise lattice ({name} index)"
+            )
+    return chart | ((slab + _SLAB_HALF) << 4) | ((i + _TEXEL_HALF) << 18) | ((j + _TEXEL_HALF) << 40)
+
+
+class HashedWhiteNoise:
+    """C i.i.d. N(0, 1) values per lattice cell, computed on demand; re-injection is a time change.
+
+    See the module docstring (6.) for why `reinject` keeps every step exactly N(0, 1) with the
+    autocorrelation prod sqrt(1 - gamma) of the clean-flow SDE.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.epoch = 0  # advanced by gamma = 1: a fresh, independent lattice
+        self.time = 0.0  # L = sum of -log(sqrt(1 - gamma)) since the epoch began
+
+    def reinject(self, gamma: float) -> None:
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+        if gamma == 1.0:
+            self.epoch, self.time = self.epoch + 1, 0.0
+        else:
+            self.time += -0.5 * math.log1p(-gamma)
+
+    def values(self, cells: torch.Tensor, channels: int) -> torch.Tensor:
+        """[N, channels] float32 noise of the packed cells [N]."""
+        salt = _int64(splitmix64(splitmix64(self.seed) ^ self.epoch))
+        state = hash64(cells ^ salt)
+        pairs = (channels + 1) // 2
+        a = self._normals(state, 0, pairs)[:, :channels]
+        if self.time == 0.0:
+            return a
+        b = self._normals(state, pairs, pairs)[:, :channels]
+        u, _ = _uniform_pair(hash64(state + _int64(_GOLDEN * 2 * pairs)))
+        phase = torch.tan(math.pi * (u - 0.5)) * self.time  # Cauchy(0, 1) frequency times L
+        return a * torch.cos(phase)[:, None] + b * torch.sin(phase)[:, None]
+
+    @staticmethod
+    def _normals(state: torch.Tensor, first: int, pairs: int) -> torch.Tensor:
+        """2 * pairs standard normals per state (Box-Muller on hashed uniforms), [N, 2 * pairs]."""
+        out = []
+        for q in range(first, first + pairs):
+            u1, u2 = _uniform_pair(state if q == 0 else hash64(state + _int64(_GOLDEN * q)))
+            radius = torch.sqrt(-2.0 * torch.log(u1))
+            out += [radius * torch.cos(2.0 * math.pi * u2), radius * torch.sin(2.0 * math.pi * u2)]
+        return torch.stack(out, dim=1)
+
+
+def latent_corner_mesh(
+    points: torch.Tensor, opacity: torch.Tensor, latent_hw: tuple[int, int], threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The latent-cell corner mesh of one view: corners [(h+1)(w+1), 3], faces [2hw, 3], face_ok [2hw].
+
+    Corner (r, c) sits at render pixel boundary (r s_y, c s_x); its position is the mean of the opaque
+    surface hits in a window of s rounded up to even around it, its opacity the window's mean opacity.
+    Faces 2p and 2p + 1 are latent pixel p's two triangles (row-major p); a face is foreground when its
+    three corners' opacity exceeds `threshold`.
+    """
+    height, width = points.shape[:2]
+    h, w = latent_hw
+    if height % h or width % w:
+        raise ValueError(
+            f"render size {height}x{width} must be an integer multiple of the latent grid {h}x{w}"
+        )
+    sy, sx = height // h, width // w
+    ky, kx = sy + sy % 2, sx + sx % 2
+    mask = (opacity > threshold).to(points.dtype)
+    stacked = torch.cat([points * mask, mask, opacity], dim=-1).permute(2, 0, 1)[None]
+    pooled = F.avg_pool2d(
+        stacked, (ky, kx), stride=(sy, sx), padding=(ky // 2, kx // 2), count_include_pad=False
+    )[0]
+    corners = (pooled[:3] / pooled[3:4].clamp_min(1e-12)).permute(1, 2, 0).reshape(-1, 3)
+    corner_opaque = (pooled[4] > threshold).reshape(-1)
+    index = torch.arange((h + 1) * (w + 1), device=points.device).reshape(h + 1, w + 1)
+    a, b, c, d = index[:-1, :-1], index[:-1, 1:], index[1:, :-1], index[1:, 1:]
+    faces = torch.stack([torch.stack([a, b, d], -1), torch.stack([a, d, c], -1)], dim=2).reshape(-1, 3)
+    return corners, faces, corner_opaque[faces].all(dim=-1)
+
+
+# The charts, each its own lattice (the cell key's first field): a surface point p lands in
+#   radial charts 0-5, the cube map of directions: face (axis e, sign), u, v = p_a / t, p_b / t with
+#     t = sign * p_e > 0 (a gnomonic projection from the origin, so triangles stay triangles and 1 / t
+#     is affine over them), slab coordinate = the radius |p|;
+#   parallel charts 6-8, the planes orthogonal to x, y, z: u, v = p_a, p_b, slab coordinate = p_e.
+_CUBE = tuple((axis, sign) for axis in range(3) for sign in (1.0, -1.0))
+_PLANE_AXES = ((1, 2), (2, 0), (0, 1))  # the (u, v) world axes of the chart along x, y, z
+_CHARTS = len(_CUBE) + len(_PLANE_AXES)
+_PLANE_TEXELS = 1.0  # a parallel chart's texel (world units) over the cube map's (gnomonic units)
+_MIN_COSINE = 0.3  # a triangle enters a cube face only if all its corners lie within 72.5 deg of its axis
+_CHUNK = 1 << 17  # rasteriser texels per batch: bounds its memory at a few MB
+_INT64_MAX, _INT64_MIN = (1 << 63) - 1, -(1 << 63)
+
+
+def _sortable(depth: torch.Tensor) -> torch.Tensor:
+    """int64 with the same order as the float32 depths (their bits, negatives' magnitude bits flipped)."""
+    bits = depth.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _unsortable(key: torch.Tensor) -> torch.Tensor:
+    bits = torch.where(key < 0, key ^ 0x7FFFFFFF, key)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def chart_corners(corners: torch.Tensor, texels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corners [V, 3] on every chart: [charts, V, 3] (u, v in texel units, depth q; smaller q is nearer)
+    and [charts, V] whether a corner may enter the chart. Texel (i, j) has its centre at integer (i, j);
+    a cube face has `texels` texels across [-1, 1] and q = -1 / t, a parallel chart q = p_e."""
+    uvq, allowed = [], []
+    for axis, sign in _CUBE:
+        t = sign * corners[:, axis]
+        inside = t > _MIN_COSINE * corners.norm(dim=1)
+        t = torch.where(inside, t, 1.0)
+        u, v = ((corners[:, k] / t + 1.0) * texels / 2 - 0.5 for k in _PLANE_AXES[axis])
+        uvq.append(torch.stack([u, v, -1.0 / t], dim=1))
+        allowed.append(inside)
+    size = _PLANE_TEXELS * 2.0 / texels
+    for axis, (u_axis, v_axis) in enumerate(_PLANE_AXES):
+        u, v = corners[:, u_axis] / size - 0.5, corners[:, v_axis] / size - 0.5
+        uvq.append(torch.stack([u, v, corners[:, axis]], dim=1))
+        allowed.append(torch.ones_like(u, dtype=torch.bool))
+    return torch.stack(uvq), torch.stack(allowed)
+
+
+def rasterize_owners(tri: torch.Tensor, chart: torch.Tensor, texels: int) -> tuple[torch.Tensor, ...]:
+    """For every texel of every chart covered by the triangles, its nearest and farthest triangle.
+
+    tri [T, 3, 3]: per triangle corner (u, v, q) as `chart_corners` gives; chart [T]: each triangle's
+    chart. Cube faces keep texels 0 <= i, j < `texels`. Written by hand because this is a z-buffer with
+    integer (depth, triangle) keys over texel centres, not an image render: nvdiffrast needs CUDA and
+    the project's differentiable rasterizer renders images. Vectorised scanlines over all charts at
+    once (each chart's z-buffer is a region of one flat buffer): the barycentric weights are affine in
+    the texel offset, so each (triangle, row of its bounding box) gets its span of inside columns in
+    closed form, and each covered (triangle, texel) costs a few gathers and one multiply-add for its
+    depth. Returns chart, i, j, near_triangle, near_q, far_triangle, far_q per covered texel.
+    """
+    device = tri.device
+    lo, hi = tri[:, :, :2].amin(dim=1).ceil(), tri[:, :, :2].amax(dim=1).floor()
+    cube = (chart < len(_CUBE))[:, None]
+    lo, hi = torch.where(cube, lo.clamp_min(0.0), lo), torch.where(cube, hi.clamp_max(texels - 1.0), hi)
+    p, depth = tri[:, :, :2] - lo[:, None], tri[:, :, 2]  # corners relative to the box's first texel
+    e1, e2 = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]
+    area2 = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+    kept = torch.nonzero((area2.abs() > 1e-10) & (hi >= lo).all(dim=1)).squeeze(1)
+    p, depth, area2, chart = p[kept], depth[kept], area2[kept], chart[kept]
+    lo, hi = lo[kept].long(), hi[kept].long()
+    # each chart's z-buffer: the bounding box of its triangles, laid out one chart after the other
+    origin = torch.full((_CHARTS, 2), _INT64_MAX, dtype=torch.int64, device=device)
+    origin = origin.scatter_reduce(0, chart[:, None].expand(-1, 2), lo, "amin")
+    end = torch.full((_CHARTS, 2), _INT64_MIN, dtype=torch.int64, device=device)
+    end = end.scatter_reduce(0, chart[:, None].expand(-1, 2), hi, "amax")
+    grid = (end - origin + 1).clamp_min(0)
+    offset = torch.cumsum(grid[:, 0] * grid[:, 1], 0) - grid[:, 0] * grid[:, 1]
+    # weight of corner k at offset (di, dj) from lo: cross(p[k+1] - q, p[k+2] - q) / area2, affine in (di, dj)
+    a, b = p[:, [1, 2, 0]], p[:, [2, 0, 1]]
+    w = (a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]) / area2[:, None]  # [T, 3]
+    w_di = (a[..., 1] - b[..., 1]) / area2[:, None]
+    w_dj = (b[..., 0] - a[..., 0]) / area2[:, None]
+    # scanlines: one per (triangle, bounding-box row), with the span of columns inside all three edges
+    rows = hi[:, 0] - lo[:, 0] + 1
+    row_tri = torch.repeat_interleave(torch.arange(len(rows), device=device), rows)
+    di = torch.arange(len(row_tri), device=device) - (torch.cumsum(rows, 0) - rows)[row_tri]
+    weight_at_0 = w[row_tri] + w_di[row_tri] * di[:, None].to(w.dtype)  # [R, 3] at dj = 0
+    slope = w_dj[row_tri]
+    bound = (-1e-6 - weight_at_0) / torch.where(slope == 0, 1.0, slope)
+    last_column = (hi[row_tri, 1] - lo[row_tri, 1]).to(w.dtype)
+    lower = torch.where(slope > 0, bound, -math.inf).amax(dim=1)
+    upper = torch.where(slope < 0, bound, math.inf).amin(dim=1)
+    first = torch.minimum(lower.clamp_min(0.0), last_column + 1).ceil()
+    last = torch.minimum(upper, last_column).clamp_min(-1.0).floor()
+    blocked = ((slope == 0) & (weight_at_0 < -1e-6)).any(dim=1)
+    count = torch.where(blocked, 0, (last - first + 1).clamp_min(0)).long()
+    depth_slope = (w_dj[row_tri] * depth[row_tri]).sum(dim=1)
+    depth0 = (weight_at_0 * depth[row_tri]).sum(dim=1) + depth_slope * first
+    c = chart[row_tri]
+    i0 = lo[row_tri, 0] + di - origin[c, 0]
+    flat0 = offset[c] + i0 * grid[c, 1] + (lo[row_tri, 1] + first.long() - origin[c, 1])
+    keep = torch.nonzero(count).squeeze(1)
+    count, flat0, depth0, depth_slope = count[keep], flat0[keep], depth0[keep], depth_slope[keep]
+    row_tri = kept[row_tri[keep]]
+    near = torch.full(
+        (int(offset[-1] + grid[-1, 0] * grid[-1, 1]),), _INT64_MAX, dtype=torch.int64, device=device
+    )
+    far = torch.full_like(near, _INT64_MIN)
+    stop_at = torch.cumsum(count, 0)
+    begin = stop_at - count
+    first_row = 0
+    while first_row < len(count):
+        base = int(begin[first_row])
+        stop = max(int(torch.searchsorted(stop_at, base + _CHUNK, right=True)), first_row + 1)
+        row = torch.repeat_interleave(torch.arange(first_row, stop, device=device), count[first_row:stop])
+        local = torch.arange(base, base + len(row), device=device) - begin.index_select(0, row)
+        q = depth0.index_select(0, row) + depth_slope.index_select(0, row) * local.to(depth0.dtype)
+        key = _sortable(q) * (1 << 32) + row_tri.index_select(0, row)
+        flat = flat0.index_select(0, row) + local
+        near.scatter_reduce_(0, flat, key, "amin")
+        far.scatter_reduce_(0, flat, key, "amax")
+        first_row = stop
+    covered = torch.nonzero(near != _INT64_MAX).squeeze(1)
+    near, far = near[covered], far[covered]
+    texel_chart = torch.searchsorted(offset, covered, right=True) - 1
+    local = covered - offset[texel_chart]
+    i = origin[texel_chart, 0] + local // grid[texel_chart, 1]
+    j = origin[texel_chart, 1] + local % grid[texel_chart, 1]
+    near_tri, far_tri = near & 0xFFFFFFFF, far & 0xFFFFFFFF
+    return texel_chart, i, j, near_tri, _unsortable(near >> 32), far_tri, _unsortable(far >> 32)
+
+
+def _slab_coordinate(
+    chart: torch.Tensor, i: torch.Tensor, j: torch.Tensor, q: torch.Tensor, texels: int
+) -> torch.Tensor:
+    """What the slabs cut: the radius |p| on a cube face (t |(u, v, 1)| with q = -1 / t), else the depth."""
+    u, v = ((k + 0.5) * 2.0 / texels - 1.0 for k in (i, j))
+    return torch.where(chart < len(_CUBE), -torch.sqrt(1.0 + u * u + v * v) / q, q)
+
+
+@dataclass
+class Footprints:
+    """The lattice cells each latent pixel of one view owns: cell `cells[n]` belongs to pixel `pixel[n]`."""
+
+    pixel: torch.Tensor  # [N] int64, row-major index into the h x w latent grid
+    cells: torch.Tensor  # [N] int64, packed (chart, i, j, slab); all distinct within a view
+    foreground: torch.Tensor  # [h, w] bool: the pixel has at least one foreground triangle
+
+
+def surface_footprints(
+    points: torch.Tensor,
+    opacity: torch.Tensor,
+    latent_hw: tuple[int, int],
+    texel_size: float,
+    slab: float,
+    opacity_threshold: float = 0.1,
+) -> Footprints:
+    """The cells each latent pixel of one view integrates: points [H, W, 3] true hits, opacity [H, W, 1].
+
+    `texel_size` is the cube map's texel in gnomonic units (radians near a face's centre); the parallel
+    charts use texels of `_PLANE_TEXELS` times that in world units.
+    """
+    corners, faces, face_ok = latent_corner_mesh(points, opacity, latent_hw, opacity_threshold)
+    texels = max(1, round(2.0 / texel_size))
+    uvq, allowed = chart_corners(corners, texels)
+    faces = faces[face_ok]
+    owner = torch.nonzero(face_ok).squeeze(1) // 2  # the latent pixel of each foreground face
+    chart, face = torch.nonzero(allowed[:, faces].all(dim=-1), as_tuple=True)
+    tri = uvq[chart[:, None], faces[face]]  # [T, 3, 3]
+    chart_of, i, j, near, near_q, far, far_q = rasterize_owners(tri, chart, texels)
+    jitter, _ = _uniform_pair(hash64(pack_cells(chart_of, i, j, torch.zeros_like(i)) ^ _JITTER_SALT))
+    near_slab = torch.floor(_slab_coordinate(chart_of, i, j, near_q, texels) / slab + jitter).long()
+    far_slab = torch.floor(_slab_coordinate(chart_of, i, j, far_q, texels) / slab + jitter).long()
+    extra = (far != near) & (far_slab != near_slab)
+    pixel = owner[face[torch.cat([near, far[extra]])]]
+    cells = torch.cat(
+        [
+            pack_cells(chart_of, i, j, near_slab),
+            pack_cells(chart_of[extra], i[extra], j[extra], far_slab[extra]),
+        ]
+    )
+    return Footprints(pixel, cells, face_ok.reshape(*latent_hw, 2).any(dim=-1))
+
+
+class ConsistentNoise(NoiseProvider):
+    """CFD's noise provider: surface-attached integral noise from hashed lattice cells (module docstring).
+
+    `background`: "fixed" (one screen-space noise per latent grid shared by all views and re-injected
+    like the cells, as the reference's shaded stages) or "fresh" (new noise at every call).
+    `texel_size` (the cube map's, see `surface_footprints`) defaults to 2 / (5 max(h, w)); `slab` is the
+    slab thickness in world units.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        device: torch.device | str,
+        *,
+        background: str = "fixed",
+        texel_size: float | None = None,
+        slab: float = 0.25,
+        opacity_threshold: float = 0.1,
+    ):
+        super().__init__(seed, device)
+        if background not in ("fixed", "fresh"):
+            raise ValueError(f"background must be 'fixed' or 'fresh', got {background!r}")
+        self.background_mode = background
+        self.texel_size = texel_size
+        self.slab = slab
+        self.opacity_threshold = opacity_threshold
+        self.texture = HashedWhiteNoise(seed)
+        self.background: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def texel_size_for(self, latent_hw: tuple[int, int]) -> float:
+        return self.texel_size if self.texel_size is not None else 2.0 / (5 * max(latent_hw))
+
+    def footprints(
+        self, points: torch.Tensor, opacity: torch.Tensor, latent_hw: tuple[int, int]
+    ) -> Footprints:
+        """The cells each latent pixel of one view owns (points [H, W, 3], opacity [H, W, 1])."""
+        return surface_footprints(
+            points.to(self.device, torch.float32),
+            opacity.to(self.device, torch.float32),
+            latent_hw,
+            self.texel_size_for(latent_hw),
+            self.slab,
+            self.opacity_threshold,
+        )
+
+    def integrate(self, query: NoiseQuery) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per view and latent pixel, the sum of its cells' noise [B, C, h, w] and their count [B, h, w]."""
+        if query.points is None or query.opacity is None:
+            raise ValueError("consistent noise needs the render's surface points and opacity")
+        h, w = query.latent_hw
+        sums, counts = [], []
+        for points, opacity in zip(query.points, query.opacity, strict=True):
+            foot = self.footprints(points, opacity, query.latent_hw)
+            values = self.texture.values(foot.cells, query.channels).to(torch.float64)
+            total = torch.zeros(h * w, query.channels, dtype=torch.float64, device=self.device)
+            total.index_add_(0, foot.pixel, values)
+            sums.append(total.to(torch.float32).T.reshape(query.channels, h, w))
+            counts.append(torch.bincount(foot.pixel, minlength=h * w).reshape(h, w))
+        return torch.stack(sums), torch.stack(counts)
+
+    def sample(self, query: NoiseQuery) -> torch.Tensor:
+        return self.sample_with_counts(query)[0]
+
+    def sample_with_counts(self, query: NoiseQuery) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise [B, C, h, w] and each latent pixel's cell count [B, h, w] (0: background noise)."""
+        sums, counts = self.integrate(query)
+        covered = (counts > 0)[:, None]
+        noise = sums / counts.clamp_min(1).to(torch.float32).sqrt()[:, None]
+        return torch.where(covered, noise, self._background(query)), counts
+
+    def reinject(self, gamma: float) -> None:
+        self.texture.reinject(gamma)
+        if gamma == 0.0:
+            return
+        for key, eps in self.background.items():
+            self.background[key] = mix_in_fresh(eps, gamma, self._randn(tuple(eps.shape)))
+
+    def _background(self, query: NoiseQuery) -> torch.Tensor:
+        shape = (query.channels, *query.latent_hw)
+        if self.background_mode == "fresh":
+            return self._randn((query.batch_size, *shape))
+        if shape not in self.background:
+            self.background[shape] = self._randn(shape)
+        return self.background[shape].expand(query.batch_size, *shape)

@@ -1,0 +1,64 @@
+"""Run one text-to-3D job: optimise a DMTet mesh and its colour field against a diffusion prior.
+
+This is the loop Blender watches (through `server.serve`) and the command line runs headless
+(`python -m server generate`). Each step renders a batch of views, encodes them into the prior's
+space, asks the noise provider for eps_tilde (surface-attached for CFD, world-map for FSD, fresh for
+SDS), and applies the flow gradient of `server.distill.update` through the renderer. A mesh exists
+at every step and is streamed as a preview; at the end the mesh is cleaned, UV-unwrapped, baked and
+written as GLB + OBJ with a preview PNG and job.json, atomically, into its own folder of the output
+directory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from server.job.errors import Cancelled
+from server.job.events import Events
+from server.job.spec import JobSpec
+from server.pipeline.asset import JobResult, write_asset
+from server.pipeline.setup import start_job
+from server.pipeline.step import optimisation_step
+
+
+def run_job(
+    spec: JobSpec,
+    init_mesh: tuple[np.ndarray, np.ndarray] | None,
+    events: Events,
+    should_cancel: Callable[[], bool],
+) -> JobResult:
+    """Optimise, then bake and export. Raises `Cancelled` within one step of `should_cancel()`."""
+    start = time.perf_counter()
+    state = start_job(spec, init_mesh)
+    for step in range(spec.steps):
+        if should_cancel():
+            raise Cancelled(step)
+        outcome = optimisation_step(state, step)
+        if outcome.texture_png is not None:
+            events.texture(step + 1, outcome.texture_png, spec.texture_size, spec.texture_size)
+        elapsed = time.perf_counter() - start
+        eta = elapsed / (step + 1) * (spec.steps - step - 1)
+        stage = "shape" if outcome.shaping else "texture"
+        events.progress(step + 1, spec.steps, stage, outcome.t, outcome.loss, eta, elapsed)
+        if events.preview_due() or step == spec.steps - 1:
+            mesh = outcome.mesh
+            with torch.no_grad():
+                colors = (state.texture(mesh.vertices) * 255).round().to(torch.uint8)
+            events.preview_mesh(
+                step + 1,
+                mesh.vertices.detach().cpu().numpy().astype(np.float32),
+                mesh.faces.cpu().numpy().astype(np.int32),
+                colors.cpu().numpy(),
+            )
+
+    if should_cancel():
+        raise Cancelled(spec.steps)
+    with torch.no_grad():
+        mesh = state.geometry()
+    return write_asset(
+        spec, mesh.vertices.cpu(), mesh.faces.cpu(), state.color_fn, state.texture, events, start, state.atlas
+    )

@@ -1,0 +1,1 @@
+"""Differentiable rendering: rasteriser, mesh rendering, cameras and shading."""
