@@ -1,4 +1,4 @@
-"""The Blender side of blender-cfd: sidebar panel, operators, and the streaming job controller.
+"""The Blender side of blender-cfd: sidebar panel, operators, and the session with the server.
 
 Never imports torch: generation runs in a separate server process (`server/`, shipped beside this
 package) that streams meshes and textures back. The format-only modules (`glb`, `jobs`,
@@ -6,15 +6,11 @@ package) that streams meshes and textures back. The format-only modules (`glb`, 
 modules are imported in `register()`.
 """
 
-# The extension is the package one level up (`bl_ext.<repo>.blender_cfd`): preferences and the
-# user folder are keyed by it. Outside Blender (tests of the format modules) this is just our name.
-ADDON_ID = __package__.rpartition(".")[0] or __package__
-
 
 def _modules():
-    from . import controller, operators, panel, preferences, props
+    from . import environment_ui, operators, panel, preferences, props, session
 
-    return (props, preferences, operators, panel, controller)
+    return (props, preferences, environment_ui, operators, panel, session)
 
 
 def register() -> None:

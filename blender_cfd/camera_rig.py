@@ -1,6 +1,6 @@
 """Geometry of the orbit-rig gizmo: the shell of camera positions the optimiser samples from.
 
-Cameras sit at eye = r (cos e cos a, cos e sin a, sin e) (`server/cameras.py`), so the set of
+Cameras sit at eye = r (cos e cos a, cos e sin a, sin e) (`server/render/cameras.py`), so the set of
 positions for e in [e0, e1] and r in [r0, r1] is a band of a thick spherical shell. Its wireframe
 (rings at both elevations on both radii, meridians, and radial struts) shows that range at a glance.
 """

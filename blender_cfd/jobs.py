@@ -1,8 +1,9 @@
-"""From panel settings to the server's job dict (`server/job.py` JobSpec fields), without bpy.
+"""From panel settings to the server's job dict (`server/job/spec.py` JobSpec fields), without bpy.
 
 A finished variant keeps the exact job it came from (JSON in the object's "cfd_job" property), so
 Re-roll changes only the seed and Regenerate sends the same job again: same seed and settings give
-the same asset. The operators read Blender properties into plain values and call these.
+the same asset. The operators read Blender properties into plain values and call these. The job
+format and the precisions come from the server's own `job.spec`, which imports without torch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-JOB_FORMAT = "blender-cfd-job/1"
+from ..server.job.spec import JOB_FORMAT
+from ..server.job.spec import PRECISIONS as JOB_PRECISIONS
+
 MAX_SEED = 2**31 - 1  # Blender's IntProperty is a signed 32-bit int
 
 
@@ -32,7 +35,7 @@ QUALITY_PRESETS = {
     "STANDARD": QualityPreset("Standard", "1000 steps, 128 px views, 1024 px texture", 1000, 128, 1024),
     "HIGH": QualityPreset("High", "2500 steps, 256 px views, 2048 px texture", 2500, 256, 2048),
 }
-PRECISIONS = {"AUTO": "auto", "FP16": "fp16", "BF16": "bf16", "FP32": "fp32"}
+PRECISIONS = {precision.upper(): precision for precision in JOB_PRECISIONS}  # the menu key: the job value
 SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
 PRIOR_ITEMS = [  # the preferences' menu: (key, label, tooltip)
     ("SHAPES", "Shapes (offline)", "The project's small shipped prior of coloured primitives: runs on a CPU"),

@@ -1,24 +1,19 @@
 """`bpy.ops.cfd.*`: generate, cancel, re-roll, regenerate, and the helpers around them.
 
-Operators only gather values and call the controller; the job starts and returns at once (the
+Operators only gather values and call the session with the server; the job starts and returns at once (the
 asset arrives through the pump). `wait=True` blocks until it is done, for scripts under
 `blender -b`, where no timer ever runs.
 """
 
 from __future__ import annotations
 
-import sys
-import threading
-from dataclasses import dataclass, field
-
 import bpy
 import numpy as np
 from bpy.props import BoolProperty
 from mathutils import Vector
 
-from . import controller as job_controller
-from . import environment, jobs, scene_objects
-from .preferences import preferences, user_folder
+from . import jobs, scene_objects, session
+from .addon import preferences
 
 VARIANT_GAP = 0.5  # scene units between neighbouring variants
 OBJECT_EXTENT = 1.0  # generated objects live in [-1, 1]^3
@@ -95,7 +90,7 @@ def reference_variant(context: bpy.types.Context) -> bpy.types.Object | None:
     """The variant Re-roll starts from: the active one, else the last one finished in this session."""
     if is_variant(context.active_object):
         return context.active_object
-    last = job_controller.get().last_variant
+    last = session.get().last_variant
     obj = bpy.data.objects.get(last) if last else None
     return obj if is_variant(obj) and context.scene.objects.get(obj.name) else None
 
@@ -110,8 +105,9 @@ def beside(context: bpy.types.Context, obj: bpy.types.Object) -> tuple[float, fl
     return tuple(spot)
 
 
-def start_job(operator, context, job: dict, location, mesh=None) -> set[str]:
-    ctl = job_controller.get()
+def send_job(operator, context, job: dict, location, mesh=None) -> set[str]:
+    """Start `job` in the session; with the operator's `wait`, block until its asset is in."""
+    ctl = session.get()
     if ctl.start(context, job, location, mesh) is None:
         operator.report({"ERROR"}, f"{ctl.error.message}. {ctl.error.fix}")
         return {"CANCELLED"}
@@ -124,7 +120,7 @@ def start_job(operator, context, job: dict, location, mesh=None) -> set[str]:
 
 
 def _poll_idle(cls, context) -> bool:
-    if job_controller.get().busy:
+    if session.get().busy:
         cls.poll_message_set("A job is running: wait for it or cancel it")
         return False
     return True
@@ -161,7 +157,7 @@ class CFD_OT_generate(bpy.types.Operator):
         except ValueError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
-        return start_job(self, context, job, location, mesh)
+        return send_job(self, context, job, location, mesh)
 
 
 class CFD_OT_reroll(bpy.types.Operator):
@@ -192,7 +188,7 @@ class CFD_OT_reroll(bpy.types.Operator):
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         context.scene.cfd.seed = job["seed"]
-        return start_job(self, context, job, location, mesh)
+        return send_job(self, context, job, location, mesh)
 
 
 class CFD_OT_regenerate(bpy.types.Operator):
@@ -225,7 +221,7 @@ class CFD_OT_regenerate(bpy.types.Operator):
         except ValueError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
-        return start_job(self, context, job, beside(context, variant), mesh)
+        return send_job(self, context, job, beside(context, variant), mesh)
 
 
 class CFD_OT_cancel(bpy.types.Operator):
@@ -236,10 +232,10 @@ class CFD_OT_cancel(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        return job_controller.get().busy
+        return session.get().busy
 
     def execute(self, context):
-        job_controller.get().cancel()
+        session.get().cancel()
         return {"FINISHED"}
 
 
@@ -250,7 +246,7 @@ class CFD_OT_dismiss_error(bpy.types.Operator):
     bl_label = "Dismiss"
 
     def execute(self, context):
-        job_controller.get().error = None
+        session.get().error = None
         return {"FINISHED"}
 
 
@@ -261,7 +257,7 @@ class CFD_OT_stop_server(bpy.types.Operator):
     bl_label = "Stop Server"
 
     def execute(self, context):
-        job_controller.get().shutdown()
+        session.get().shutdown()
         return {"FINISHED"}
 
 
@@ -307,133 +303,6 @@ class CFD_OT_open_output_folder(bpy.types.Operator):
         return {"FINISHED"}
 
 
-# ---------------------------------------------------------------------------------- environment
-
-
-@dataclass
-class EnvironmentState:
-    """What the preferences show under the environment buttons; threads fill it, the UI reads it."""
-
-    checking: threading.Thread | None = None
-    report: environment.EnvironmentReport | None = None
-    setup: environment.CommandRunner | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def icon(self) -> str:
-        if self.report is not None and not self.report.ok:
-            return "ERROR"
-        if self.setup is not None and self.setup.returncode not in (None, 0):
-            return "ERROR"
-        return "INFO"
-
-    def lines(self) -> list[str]:
-        if self.checking is not None and self.checking.is_alive():
-            return ["Checking the server environment…"]
-        lines = list(self.notes)
-        if self.setup is not None:
-            if self.setup.returncode is None:
-                lines.append("Setting up (this downloads a few GB)…")
-            elif self.setup.returncode != 0:
-                lines.append(f"Set up failed (log: {self.setup.log_path})")
-            lines += self.setup.last_lines()[-3:] if self.setup.returncode != 0 else []
-        if self.report is not None:
-            lines += [line for line in self.report.lines() if line]
-        server = job_controller.get().server_info
-        if server:
-            lines.append(f"Server running: torch {server.get('torch')} on {server.get('device_name')}")
-        return lines
-
-
-_environment = EnvironmentState()
-
-
-def environment_state() -> EnvironmentState:
-    return _environment
-
-
-def _environment_timer() -> float | None:
-    job_controller.tag_redraw()
-    checking = _environment.checking is not None and _environment.checking.is_alive()
-    setting_up = _environment.setup is not None and _environment.setup.returncode is None
-    if setting_up or checking:
-        return 0.5
-    if _environment.setup is not None and _environment.setup.returncode == 0 and _environment.report is None:
-        _start_check()  # set up finished: show what it made
-        return 0.5
-    return None
-
-
-def _start_check() -> None:
-    python = preferences().server_python()
-
-    def check() -> None:
-        _environment.report = environment.probe(python)
-
-    _environment.report = None
-    _environment.checking = threading.Thread(target=check, daemon=True)
-    _environment.checking.start()
-    if bpy.app.background:  # no timer would ever show the result
-        _environment.checking.join()
-    elif not bpy.app.timers.is_registered(_environment_timer):
-        bpy.app.timers.register(_environment_timer, first_interval=0.5)
-
-
-class CFD_OT_check_environment(bpy.types.Operator):
-    """Start the server's Python and show its version, torch, CUDA and device, or what is missing"""
-
-    bl_idname = "cfd.check_environment"
-    bl_label = "Check Environment"
-
-    def execute(self, context):
-        _environment.notes = []
-        _start_check()
-        report = _environment.report
-        if report is not None:
-            self.report(
-                {"INFO"} if report.ok else {"ERROR"}, " · ".join(line for line in report.lines() if line)
-            )
-        return {"FINISHED"}
-
-
-class CFD_OT_setup_environment(bpy.types.Operator):
-    """Create a Python environment for the server and install its packages (downloads a few GB)"""
-
-    bl_idname = "cfd.setup_environment"
-    bl_label = "Set up Environment"
-
-    @classmethod
-    def poll(cls, context):
-        if _environment.setup is not None and _environment.setup.returncode is None:
-            cls.poll_message_set("Set up is already running")
-            return False
-        return True
-
-    def invoke(self, context, event):
-        return context.window_manager.invoke_confirm(self, event)
-
-    def execute(self, context):
-        if not bpy.app.online_access:
-            _environment.notes = ["Blender is offline: enable Allow Online Access (Preferences › System)"]
-            self.report({"ERROR"}, "Set up needs online access: enable it in Preferences › System › Network")
-            return {"CANCELLED"}
-        prefs = preferences()
-        commands = environment.setup_commands(
-            user_folder("venv", create=False), prefs.torch_build, base_python=sys.executable
-        )
-        _environment.report = None
-        _environment.notes = []
-        _environment.setup = environment.CommandRunner(commands, user_folder("logs") / "setup.log")
-        _environment.setup.start()
-        prefs.python_path = ""  # use the environment being made
-        if bpy.app.background:
-            _environment.setup.join()
-            _start_check()
-        else:
-            bpy.app.timers.register(_environment_timer, first_interval=0.5)
-        return {"FINISHED"}
-
-
 CLASSES = (
     CFD_OT_generate,
     CFD_OT_reroll,
@@ -444,8 +313,6 @@ CLASSES = (
     CFD_OT_randomize_seed,
     CFD_OT_add_camera_rig,
     CFD_OT_open_output_folder,
-    CFD_OT_check_environment,
-    CFD_OT_setup_environment,
 )
 
 
@@ -457,5 +324,3 @@ def register() -> None:
 def unregister() -> None:
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)
-    if bpy.app.timers.is_registered(_environment_timer):
-        bpy.app.timers.unregister(_environment_timer)

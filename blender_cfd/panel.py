@@ -1,6 +1,6 @@
 """3D Viewport › Sidebar › CFD: the settings, Generate / Cancel, progress, errors, and variants.
 
-`draw` only reads state (scene settings, the controller's phase/progress/error), so a test can call
+`draw` only reads state (scene settings, the session's phase/progress/error), so a test can call
 it with a recording layout to see what each state shows.
 """
 
@@ -10,8 +10,7 @@ import textwrap
 
 import bpy
 
-from . import controller as job_controller
-from . import scene_objects
+from . import scene_objects, session
 
 
 def _line_width(context: bpy.types.Context) -> int:
@@ -45,7 +44,7 @@ class CFD_PT_generate(bpy.types.Panel):
     def draw(self, context: bpy.types.Context) -> None:
         layout = self.layout
         settings = context.scene.cfd
-        job = job_controller.get()
+        job = session.get()
 
         col = layout.column()
         col.prop(settings, "prompt", text="")
@@ -105,7 +104,7 @@ class CFD_PT_generate(bpy.types.Panel):
             if job.error.fix:
                 _wrapped(box, job.error.fix, width, icon="INFO")
             row = box.row()
-            if job.error.code in job_controller.ENVIRONMENT_ERRORS:
+            if job.error.code in session.ENVIRONMENT_ERRORS:
                 row.operator("cfd.check_environment", icon="CHECKMARK")
             row.operator("cfd.dismiss_error", icon="X")
 

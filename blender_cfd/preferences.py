@@ -7,7 +7,8 @@ from pathlib import Path
 import bpy
 from bpy.props import EnumProperty, StringProperty
 
-from . import ADDON_ID, environment, jobs
+from . import environment, environment_ui, jobs
+from .addon import ADDON_ID, user_folder
 
 DEVICE_ITEMS = [
     ("AUTO", "Automatic", "CUDA if available, then Apple Metal, else CPU"),
@@ -25,15 +26,6 @@ BUILD_ITEMS = [
     ("CUDA", "CUDA", "PyTorch built for NVIDIA GPUs (CUDA 12.8)"),
     ("CPU", "CPU", "PyTorch without GPU support (smaller download)"),
 ]
-
-
-def user_folder(path: str, create: bool = True) -> Path:
-    """A folder of ours under Blender's per-extension user directory (never the extension folder)."""
-    return Path(bpy.utils.extension_path_user(ADDON_ID, path=path, create=create))
-
-
-def preferences() -> CFDPreferences:
-    return bpy.context.preferences.addons[ADDON_ID].preferences
 
 
 class CFDPreferences(bpy.types.AddonPreferences):
@@ -71,8 +63,6 @@ class CFDPreferences(bpy.types.AddonPreferences):
         return user_folder("outputs")
 
     def draw(self, context: bpy.types.Context) -> None:
-        from . import operators
-
         layout = self.layout
         box = layout.box()
         box.label(text="Server Environment", icon="CONSOLE")
@@ -81,7 +71,7 @@ class CFDPreferences(bpy.types.AddonPreferences):
         row.operator("cfd.check_environment", icon="CHECKMARK")
         row.prop(self, "torch_build", text="")
         row.operator("cfd.setup_environment", icon="IMPORT")
-        state = operators.environment_state()
+        state = environment_ui.environment_state()
         for line in state.lines():
             box.label(text=line, icon=state.icon)
         if not bpy.app.online_access:

@@ -7,7 +7,7 @@ import math
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
-from . import jobs
+from . import jobs, scene_objects
 
 HALF_PI = math.pi / 2
 QUALITY_ITEMS = [(key, preset.label, preset.description) for key, preset in jobs.QUALITY_PRESETS.items()]
@@ -58,8 +58,6 @@ class CFDSettings(bpy.types.PropertyGroup):
 
 
 def _rebuild_rig(self, context) -> None:
-    from . import scene_objects
-
     scene_objects.update_rig_mesh(self.id_data)
 
 

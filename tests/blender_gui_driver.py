@@ -44,8 +44,8 @@ def view3d():
     return window, area
 
 
-def controller():
-    return sys.modules[f"{MODULE}.blender_cfd.controller"].get()
+def session():
+    return sys.modules[f"{MODULE}.blender_cfd.session"].get()
 
 
 def run_operator(name: str, **options) -> set:
@@ -53,7 +53,7 @@ def run_operator(name: str, **options) -> set:
     region = next(r for r in area.regions if r.type == "WINDOW")
     with bpy.context.temp_override(window=window, area=area, region=region):
         result = getattr(bpy.ops.cfd, name)(**options)
-    log(f"cfd.{name} -> {result}; error: {controller().error}")
+    log(f"cfd.{name} -> {result}; error: {session().error}")
     return result
 
 
@@ -86,16 +86,16 @@ def steps():
     settings = scene.cfd
     settings.prompt, settings.seed, settings.quality = "a wooden toy [slow]", 7, "DRAFT"
     run_operator("generate")
-    yield lambda: controller().job is not None and controller().job.preview_step >= 3
+    yield lambda: session().job is not None and session().job.preview_step >= 3
     yield 0.3
     shot("2_running")
-    yield lambda: not controller().busy
+    yield lambda: not session().busy
     space.shading.color_type = "TEXTURE"
     yield 0.5
     shot("3_done")
 
     run_operator("reroll")
-    yield lambda: not controller().busy
+    yield lambda: not session().busy
     yield 0.5
     shot("4_rerolled")
     variants = sorted(o.name for o in bpy.data.objects if "cfd_job" in o)
@@ -112,7 +112,7 @@ def steps():
     settings = bpy.context.scene.cfd  # undo and redo reallocated the scene: fetch it again
     settings.prompt = "a heavy statue [oom]"
     run_operator("generate")
-    yield lambda: not controller().busy
+    yield lambda: not session().busy
     yield 0.5
     shot("5_error")
     log(f"objects: {sorted(o.name for o in bpy.data.objects)}")

@@ -114,7 +114,7 @@ def install(zip_path: str, out: Path):
     prefs.python_path = sys.executable
     prefs.output_dir = str(out / "assets")
     os.environ["BLENDER_CFD_SERVER_ARGS"] = SERVER_ARGS
-    return sys.modules[f"{MODULE}.blender_cfd.controller"], prefs
+    return sys.modules[f"{MODULE}.blender_cfd.session"], prefs
 
 
 def pump_until(ctl, condition, timeout: float = TIMEOUT, what: str = "condition") -> float:
@@ -366,13 +366,13 @@ def pump_timing(zip_path: str, out: Path) -> dict:
 def environment(zip_path: str, out: Path) -> dict:
     """Check Environment on this interpreter and on a missing one; Set Up refuses while offline."""
     _, prefs = install(zip_path, out)
-    operators = sys.modules[f"{MODULE}.blender_cfd.operators"]
+    environment_ui = sys.modules[f"{MODULE}.blender_cfd.environment_ui"]
     assert bpy.ops.cfd.check_environment() == {"FINISHED"}
-    report = operators.environment_state().report
+    report = environment_ui.environment_state().report
     assert report.ok, report
     assert report.python_version == ".".join(map(str, sys.version_info[:3]))
     assert report.torch.startswith("2.") and report.device == "cpu", report
-    good = operators.environment_state().lines()
+    good = environment_ui.environment_state().lines()
     drawn = draw_preferences(prefs)
     assert shown(drawn, "operator", idname="cfd.check_environment")
     assert shown(drawn, "operator", idname="cfd.setup_environment")
@@ -393,12 +393,12 @@ def environment(zip_path: str, out: Path) -> dict:
 
     prefs.python_path = str(out / "missing" / "python")
     assert "not found" in reported_error(bpy.ops.cfd.check_environment)
-    report = operators.environment_state().report
+    report = environment_ui.environment_state().report
     assert not report.ok and "not found" in report.problem and "Set up Environment" in report.fix, report
 
     assert not bpy.app.online_access
     assert "online access" in reported_error(bpy.ops.cfd.setup_environment)
-    assert "Online Access" in operators.environment_state().lines()[0]
+    assert "Online Access" in environment_ui.environment_state().lines()[0]
     assert not Path(bpy.utils.extension_path_user(MODULE, path="venv")).exists(), "nothing may be installed"
     return {"check_lines": good, "preferences": labels(drawn)}
 
@@ -447,7 +447,7 @@ def inputs(zip_path: str, out: Path) -> dict:
 def remote(zip_path: str, out: Path) -> dict:
     """A server started elsewhere (`serve --listen`, loopback TCP): the token is checked, jobs work."""
     _, prefs = install(zip_path, out)
-    ctl = sys.modules[f"{MODULE}.blender_cfd.controller"].get()
+    ctl = sys.modules[f"{MODULE}.blender_cfd.session"].get()
     command = [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--token", "s3cret"]
     command += [*SERVER_ARGS.split(), "--output-root", str(out / "remote_assets")]
     server = subprocess.Popen(
@@ -491,7 +491,7 @@ def blender_crash(zip_path: str, out: Path) -> dict:
 
 
 def shapes_prior(zip_path: str, out: Path) -> dict:
-    """The real generator on the shipped shapes prior (short jobs sent through the controller, as
+    """The real generator on the shipped shapes prior (short jobs sent through the session, as
     Generate sends them): streamed previews, a textured variant from the real GLB, same seed ⇒ same mesh."""
     ctl_module, _ = install(zip_path, out)
     os.environ.pop("BLENDER_CFD_SERVER_ARGS")  # the real job runner, not the fake one
@@ -546,7 +546,7 @@ if __name__ == "__main__":
     out_path.mkdir(parents=True, exist_ok=True)
     result = SCENARIOS[name](zip_file, out_path)
     (out_path / "result.json").write_text(json.dumps(result, indent=2))
-    controller = sys.modules.get(f"{MODULE}.blender_cfd.controller")
-    if controller is not None:
-        controller.get().shutdown()
+    session = sys.modules.get(f"{MODULE}.blender_cfd.session")
+    if session is not None:
+        session.get().shutdown()
     print(f"scenario {name}: ok")

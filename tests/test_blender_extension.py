@@ -83,10 +83,13 @@ def test_manifest_validates_and_the_zip_carries_only_the_extension(extension_zip
         "requirements.txt",
         "LICENSE",
     }
-    assert {"__init__.py", "blender_manifest.toml", "blender_cfd/controller.py", "server/protocol.py"} <= set(
-        names
-    )
-    assert "server/client.py" in names and "server/serve.py" in names
+    assert {
+        "__init__.py",
+        "blender_manifest.toml",
+        "blender_cfd/session.py",
+        "server/wire/protocol.py",
+    } <= set(names)
+    assert "server/wire/client.py" in names and "server/serve.py" in names
     weights = (ROOT / "server" / "shapes" / "weights").rglob("*")
     assert all(path.relative_to(ROOT).as_posix() in names for path in weights if path.is_file())
     assert not [n for n in names if n.startswith(("server/bench/", "tests/", "bench/"))]
@@ -98,9 +101,12 @@ def test_manifest_validates_and_the_zip_carries_only_the_extension(extension_zip
 def test_nothing_blender_side_imports_torch():
     """Blender's process must never load torch: neither the add-on nor the server modules it imports."""
     code = (
-        "import sys, importlib; sys.modules['bpy'] = None\n"
-        "for m in ['blender_cfd.glb', 'blender_cfd.jobs', 'blender_cfd.camera_rig',"
-        " 'blender_cfd.environment', 'server.protocol', 'server.client']: importlib.import_module(m)\n"
+        "import sys, importlib; sys.modules['bpy'] = None; sys.path.insert(0, 'tests')\n"
+        "import conftest; conftest.import_extension()\n"
+        "for m in ['glb', 'jobs', 'camera_rig', 'environment']:\n"
+        "    importlib.import_module('blender_cfd_ext.blender_cfd.' + m)\n"
+        "for m in ['server.wire.protocol', 'server.wire.client']:\n"
+        "    importlib.import_module(m)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     result = subprocess.run(
@@ -119,10 +125,10 @@ def test_glb_reader_recovers_the_exported_mesh_uvs_and_texture(tmp_path):
     import io
 
     import trimesh
+    from blender_cfd_ext.blender_cfd.glb import read_glb
     from PIL import Image
 
-    from blender_cfd.glb import read_glb
-    from server.export import bake_and_export
+    from server.pipeline.export import bake_and_export
 
     sphere = trimesh.creation.icosphere(subdivisions=3)
     vertices = (sphere.vertices * [0.5, 0.7, 0.9]).astype(np.float32)
@@ -151,7 +157,7 @@ def test_glb_reader_recovers_the_exported_mesh_uvs_and_texture(tmp_path):
 
 
 def test_glb_reader_rejects_what_it_cannot_read():
-    from blender_cfd.glb import GlbError, read_glb
+    from blender_cfd_ext.blender_cfd.glb import GlbError, read_glb
 
     with pytest.raises(GlbError, match="magic"):
         read_glb(b"not a real glb: written by tests/fake_runner.py")
@@ -160,9 +166,10 @@ def test_glb_reader_rejects_what_it_cannot_read():
 
 
 def test_every_panel_setting_makes_a_job_the_server_accepts():
-    """Contract with server/job.py: what the extension sends passes JobSpec validation unchanged."""
-    from blender_cfd import jobs
-    from server.job import JobSpec
+    """Contract with server/job/spec.py: what the extension sends passes JobSpec validation unchanged."""
+    from blender_cfd_ext.blender_cfd import jobs
+
+    from server.job.spec import JobSpec
 
     rig = jobs.orbit_ranges((math.radians(-10), math.radians(45)), (2.2, 2.6), math.radians(40))
     camera = np.eye(4)
@@ -196,8 +203,9 @@ def test_every_panel_setting_makes_a_job_the_server_accepts():
 def test_every_prior_choice_names_what_the_server_loads():
     """The preferences' prior menu -> the job's prior / chain_prior, accepted by JobSpec and routed by
     the server's loader to the right model family (MVDream or Stable Diffusion)."""
-    from blender_cfd import jobs
-    from server.job import JobSpec
+    from blender_cfd_ext.blender_cfd import jobs
+
+    from server.job.spec import JobSpec
     from server.priors import is_mvdream
 
     def spec(prior: str, custom: str = "") -> JobSpec:
@@ -230,7 +238,7 @@ def test_every_prior_choice_names_what_the_server_loads():
 
 
 def test_variant_names_fit_blender_and_keep_the_seed():
-    from blender_cfd.scene_objects import NAME_LIMIT, variant_name
+    from blender_cfd_ext.blender_cfd.scene_objects import NAME_LIMIT, variant_name
 
     assert variant_name("a  red\napple", 3) == "a red apple (seed 3)"
     long = variant_name("é" * 100, 2**31 - 1)
@@ -238,7 +246,7 @@ def test_variant_names_fit_blender_and_keep_the_seed():
 
 
 def test_rig_wireframe_spans_the_camera_ranges():
-    from blender_cfd.camera_rig import rig_wireframe
+    from blender_cfd_ext.blender_cfd.camera_rig import rig_wireframe
 
     vertices, edges = rig_wireframe((-10.0, 45.0), (2.2, 2.6))
     radius = np.linalg.norm(vertices, axis=1)
@@ -250,7 +258,7 @@ def test_rig_wireframe_spans_the_camera_ranges():
 
 
 def test_init_mesh_is_centred_and_fits_the_grid():
-    from blender_cfd.jobs import normalized_init_mesh
+    from blender_cfd_ext.blender_cfd.jobs import normalized_init_mesh
 
     vertices = np.random.default_rng(0).normal(size=(50, 3)) * [10.0, 1.0, 3.0] + 100.0
     scaled, faces = normalized_init_mesh(vertices, np.array([[0, 1, 2]]))
@@ -262,7 +270,7 @@ def test_init_mesh_is_centred_and_fits_the_grid():
 
 
 def test_environment_paths_and_setup_commands(tmp_path):
-    from blender_cfd import environment
+    from blender_cfd_ext.blender_cfd import environment
 
     venv = tmp_path / "venv"
     python = environment.venv_python(venv)
@@ -286,7 +294,7 @@ def test_environment_paths_and_setup_commands(tmp_path):
 def test_probe_reports_a_missing_interpreter_and_missing_packages(tmp_path):
     import venv
 
-    from blender_cfd import environment
+    from blender_cfd_ext.blender_cfd import environment
 
     report = environment.probe(tmp_path / "nope" / "python")
     assert not report.ok and "not found" in report.problem and report.fix

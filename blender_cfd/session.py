@@ -1,4 +1,4 @@
-"""The job state machine between the panel and the server, and `pump()`, its main-thread step.
+"""The add-on's session with the server: one connection, at most one job, and `pump()`, its main-thread step.
 
 The server runs in its own process (or at a remote address); the client's reader thread decodes
 frames into a queue. `pump()` drains that queue on Blender's main thread, applies only the newest
@@ -27,8 +27,9 @@ import bpy
 import numpy as np
 from bpy.app.handlers import persistent
 
-from ..server import client, protocol
+from ..server.wire import client, protocol
 from . import environment, glb, jobs, scene_objects
+from .addon import preferences, user_folder
 
 TICK_BUSY_SECONDS = 0.05
 TICK_IDLE_SECONDS = 0.5
@@ -68,7 +69,9 @@ class JobError:
 
 
 @dataclass
-class Job:
+class ActiveJob:
+    """The job this session streams: what was sent, and the preview object it grows in."""
+
     job_id: str
     job: dict
     scene: str
@@ -91,13 +94,13 @@ class PumpStats:
     preview_delays: deque = field(default_factory=lambda: deque(maxlen=1000))
 
 
-class Controller:
+class Session:
     """One server connection and at most one job; everything here runs on Blender's main thread."""
 
     def __init__(self) -> None:
         self.connection: client.Connection | None = None
         self.server_info: dict | None = None
-        self.job: Job | None = None
+        self.job: ActiveJob | None = None
         self.phase = Phase.IDLE
         self.progress = Progress()
         self.error: JobError | None = None
@@ -126,7 +129,7 @@ class Controller:
             return None
         job_id = uuid.uuid4().hex[:16]
         obj = scene_objects.create_preview_object(context.scene, f"CFD preview {job_id[:6]}", location)
-        self.job = Job(job_id, job, context.scene.name, obj.name, tuple(location))
+        self.job = ActiveJob(job_id, job, context.scene.name, obj.name, tuple(location))
         self.progress = Progress(total=int(job.get("steps", 0)), stage="Starting")
         vertices, faces = init_mesh if init_mesh is not None else (None, None)
         try:
@@ -142,8 +145,6 @@ class Controller:
         if self.connection is not None and self.connection.alive:
             return self.connection
         self._drop_connection()
-        from .preferences import preferences, user_folder
-
         prefs = preferences()
         try:
             if prefs.remote_address.strip():
@@ -330,8 +331,6 @@ class Controller:
         return same
 
     def _apply_texture(self, message: protocol.Message) -> None:
-        from .preferences import user_folder
-
         png, _ = message.blobs["png"]
         path = user_folder("cache") / "preview_texture.png"
         path.write_bytes(png)
@@ -438,14 +437,14 @@ def _output_fix(message: protocol.Message) -> str:
 
 # ---------------------------------------------------------------------------------- Blender glue
 
-_controller: Controller | None = None
+_session: Session | None = None
 
 
-def get() -> Controller:
-    global _controller
-    if _controller is None:
-        _controller = Controller()
-    return _controller
+def get() -> Session:
+    global _session
+    if _session is None:
+        _session = Session()
+    return _session
 
 
 def _timer() -> float | None:
@@ -479,13 +478,13 @@ def undo_push(message: str) -> None:
 
 @persistent
 def _on_load_pre(*_args) -> None:
-    if _controller is not None:
-        _controller.on_file_load()
+    if _session is not None:
+        _session.on_file_load()
 
 
 def _on_exit() -> None:
-    if _controller is not None:
-        _controller.shutdown()
+    if _session is not None:
+        _session.shutdown()
 
 
 def register() -> None:
