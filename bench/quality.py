@@ -59,7 +59,8 @@ from server.priors import SHAPES_WEIGHTS
 from server.render.cameras import orbit_c2w
 from server.render.mesh import render_mesh
 from server.shapes.classify import judge
-from server.shapes.primitives import COLOURS, inside, parse_caption
+from server.shapes.primitives import COLOURS, SHAPES, inside, parse_caption
+from server.shapes.solid import judge_colour, judge_solid, solid_ious, surface_error
 
 SPECIFIC_PROMPTS = ("a red cube", "a blue sphere")
 OPEN_PROMPTS = ("a shape", "a red shape", "a cube")
@@ -69,6 +70,8 @@ JUDGE_SIZE = 32  # the shapes prior's (and its judge's) image size
 DISTANCE_SIZE = 64
 GRID_VIEWS = 2  # of JUDGE_VIEWS, side by side in a grid cell
 IOU_LATTICE = 64
+SHAPE_SEED_OFFSET = 100  # the shape-accuracy runs use seeds 100, 101, ...: none was used in tuning
+SHAPE_IOU_FLOOR = 0.65  # a verdict also needs this IoU: a perfect flat disc scores 0.61 as a torus
 
 
 @dataclass
@@ -215,6 +218,116 @@ def save_grid(path: Path, prompt: str, cells: dict[tuple[str, int], np.ndarray],
     canvas.save(path)
 
 
+# ------------------------------------------------------------------------------------ shape accuracy
+
+
+@dataclass
+class AssetRun:
+    """One full job on "a <colour> <shape>", judged from the GLB it wrote, as a user would get it."""
+
+    prompt: str
+    method: str
+    seed: int
+    seconds: float
+    shape: str  # the primitive the GLB's solid is closest to
+    iou: float  # its IoU against the named primitive
+    colour: str  # the named colour covering most of the textured surface
+    shape_right: bool  # the named primitive, with IoU >= SHAPE_IOU_FLOOR
+    colour_right: bool
+    surface_error: float  # mean distance from the named primitive's surface / its size
+    preview_png: str
+
+
+def shape_prompts(seeds: int, first_seed: int = SHAPE_SEED_OFFSET) -> list[tuple[str, int]]:
+    """Every primitive with `seeds` seeds; the colours cycle so every colour appears."""
+    colours = list(COLOURS)
+    return [
+        (f"a {colours[(index * seeds + k) % len(colours)]} {shape}", first_seed + k)
+        for index, shape in enumerate(SHAPES)
+        for k in range(seeds)
+    ]
+
+
+def load_glb_z_up(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vertices in the server's Z-up frame, faces, vertex colours in [0, 1] sampled from the texture)."""
+    mesh = trimesh.load(path, force="mesh")
+    y_up = np.asarray(mesh.vertices, dtype=np.float64)
+    vertices = np.stack([y_up[:, 0], -y_up[:, 2], y_up[:, 1]], axis=1)  # glTF +Y up -> +Z up
+    colours = mesh.visual.to_color().vertex_colors[:, :3] / 255.0
+    return vertices, np.asarray(mesh.faces), colours
+
+
+def one_asset(job: dict) -> AssetRun:
+    """Run one job to its GLB (the product's whole path: optimise, bake, export) and judge the file."""
+    result = run_job(JobSpec.from_dict(job), None, Events(), lambda: False)
+    vertices, faces, colours = load_glb_z_up(result.glb)
+    colour, shape = parse_caption(job["prompt"])
+    verdict, _ = judge_solid(vertices, faces)
+    iou = solid_ious(vertices, faces)[shape]
+    judged_colour = judge_colour(vertices, faces, colours)
+    return AssetRun(
+        job["prompt"],
+        job["method"],
+        job["seed"],
+        round(result.seconds, 2),
+        verdict,
+        round(iou, 4),
+        judged_colour,
+        verdict == shape and iou >= SHAPE_IOU_FLOOR,
+        judged_colour == colour,
+        round(surface_error(vertices, shape), 4),
+        str(result.preview_png),
+    )
+
+
+def summarise_assets(assets: list[AssetRun], methods: list[str]) -> dict[str, dict]:
+    """Per method: shape and colour accuracy over every run, and per primitive."""
+    summary = {}
+    for method in methods:
+        group = [a for a in assets if a.method == method]
+        per_shape = {
+            shape: _mean([float(a.shape_right) for a in group if parse_caption(a.prompt)[1] == shape])
+            for shape in SHAPES
+        }
+        summary[method] = {
+            "shape_accuracy": _mean([float(a.shape_right) for a in group]),
+            "colour_accuracy": _mean([float(a.colour_right) for a in group]),
+            "shape_iou_mean": _mean([a.iou for a in group]),
+            "surface_error_mean": _mean([a.surface_error for a in group]),
+            "shape_accuracy_per_shape": per_shape,
+            "seconds_mean": _mean([a.seconds for a in group]),
+        }
+    return summary
+
+
+def save_asset_grid(path: Path, assets: list[AssetRun], methods: list[str]) -> None:
+    """Rows: primitive x method; columns: seeds; each cell two views of the asset's preview, with the
+    verdict (judged shape and colour) underneath."""
+    seeds = sorted({a.seed for a in assets})
+    by_key = {(parse_caption(a.prompt)[1], a.method, a.seed): a for a in assets}
+    cell_w, cell_h, label, caption = 256, 128, 150, 14
+    rows = [(shape, method) for shape in SHAPES for method in methods]
+    canvas = Image.new("RGB", (label + cell_w * len(seeds), 20 + (cell_h + caption) * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for column, seed in enumerate(seeds):
+        draw.text((label + column * cell_w + cell_w // 2 - 20, 4), f"seed {seed}", fill=(0, 0, 0))
+    for row, (shape, method) in enumerate(rows):
+        top = 20 + row * (cell_h + caption)
+        draw.text((4, top + cell_h // 2), f"{shape} / {method.upper()}", fill=(0, 0, 0))
+        for column, seed in enumerate(seeds):
+            asset = by_key.get((shape, method, seed))
+            if asset is None:
+                continue
+            with Image.open(asset.preview_png) as preview:
+                two_views = preview.convert("RGB").crop((0, 0, preview.width // 2, preview.height))
+                canvas.paste(two_views.resize((cell_w, cell_h)), (label + column * cell_w, top))
+            mark = "ok" if asset.shape_right and asset.colour_right else "x"
+            text = f"{asset.prompt[2:]}: {asset.colour} {asset.shape} {asset.iou:.2f} {mark}"
+            draw.text((label + column * cell_w + 2, top + cell_h), text, fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
 # ------------------------------------------------------------------------------------------ the bench
 
 
@@ -302,6 +415,16 @@ def print_tables(result: dict, methods: list[str]) -> None:
             )
 
 
+def print_asset_table(result: dict, methods: list[str]) -> None:
+    keys = ("shape_accuracy", "colour_accuracy", "shape_iou_mean", "surface_error_mean", "seconds_mean")
+    print(f"\n{'judged from the GLB':<24}" + "".join(f"{m:>10}" for m in methods))
+    for key in keys:
+        print(f"{key:<24}" + "".join(f"{result['methods'][m][key]:>10.3f}" for m in methods))
+    for shape in SHAPES:
+        figures = [result["methods"][m]["shape_accuracy_per_shape"][shape] for m in methods]
+        print(f"{'  ' + shape:<24}" + "".join(f"{f:>10.2f}" for f in figures))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     parser.add_argument("--specific", default=",".join(SPECIFIC_PROMPTS), help="comma-separated prompts")
@@ -313,6 +436,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--grid-resolution", type=int, default=JobSpec.grid_resolution)
     parser.add_argument("--render-size", type=int, default=JobSpec.render_size)
+    parser.add_argument(
+        "--shape-seeds",
+        type=int,
+        default=4,
+        help="seeds per primitive for shape and colour accuracy, judged from the GLBs; 0: skip",
+    )
+    parser.add_argument(
+        "--shape-first-seed",
+        type=int,
+        default=SHAPE_SEED_OFFSET,
+        help="the first of those seeds (the default was never used in tuning)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     parser.add_argument(
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel, one process each"
@@ -335,7 +470,17 @@ def main(args: argparse.Namespace) -> int:
         {"prompt": prompt, "method": method, "seed": seed, **settings, "device": "cpu"}
         for prompt, method, seed in itertools.product(specific + open_prompts, methods, seeds)
     ]
-    bar = tqdm(total=len(jobs), desc="quality", unit="run", file=sys.stderr, dynamic_ncols=True)
+    asset_jobs = [
+        {"prompt": prompt, "method": method, "seed": seed, **settings, "device": "cpu"}
+        | {"output_dir": str(args.out / "assets")}
+        for (prompt, seed), method in itertools.product(
+            shape_prompts(args.shape_seeds, args.shape_first_seed), methods
+        )
+    ]
+    assets: list[AssetRun] = []
+    bar = tqdm(
+        total=len(jobs) + len(asset_jobs), desc="quality", unit="run", file=sys.stderr, dynamic_ncols=True
+    )
     # Every run is seeded, so the workers change the wall time, never the figures.
     workers = ProcessPoolExecutor(  # spawned, not forked: safe beside torch's threads, and as on Windows
         args.workers,
@@ -349,9 +494,17 @@ def main(args: argparse.Namespace) -> int:
             renders[run.prompt, run.method, run.seed] = views
             bar.set_postfix_str(f"{run.prompt} / {run.method} / seed {run.seed}")
             bar.update()
+        for asset in pool.map(one_asset, asset_jobs):
+            assets.append(asset)
+            bar.set_postfix_str(f"{asset.prompt} / {asset.method} / seed {asset.seed}")
+            bar.update()
     bar.close()
 
     result = summarise(runs, renders, open_prompts, methods)
+    if assets:
+        for method, figures in summarise_assets(assets, methods).items():
+            result["methods"][method].update(figures)
+        save_asset_grid(args.out / "quality_shapes.png", assets, methods)
     pngs = {}
     for prompt in open_prompts:
         path = args.out / f"quality_{prompt.replace(' ', '_')}.png"
@@ -360,6 +513,8 @@ def main(args: argparse.Namespace) -> int:
         save_grid(path, prompt, cells, verdicts)
         pngs[prompt] = str(path)
     print_tables(result, methods)
+    if assets:
+        print_asset_table(result, methods)
     seconds = time.perf_counter() - start
     print(
         f"\n{len(runs)} runs of {args.steps} steps in {seconds / 60:.1f} min; "
@@ -384,11 +539,15 @@ def main(args: argparse.Namespace) -> int:
                 "render_size": args.render_size,
                 "specific": specific,
                 "open": open_prompts,
+                "shape_seeds": args.shape_seeds,
+                "shape_first_seed": args.shape_first_seed,
+                "shape_iou_floor": SHAPE_IOU_FLOOR,
             },
             "seconds": round(seconds, 1),
             **result,
             "pngs": pngs,
             "runs": [asdict(r) for r in runs],
+            "assets": [asdict(a) for a in assets],
         }
         print(json.dumps(record))
     return 0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 from PIL import Image
 
@@ -251,3 +252,30 @@ def test_two_cpu_threads_give_the_same_steps_twice():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_the_shape_stage_leaves_the_start_sphere_and_dmtet_starts_from_its_surface():
+    """A short job on a torus prompt with the shipped prior: the shape the shape stage hands to DMTet
+    is measurably not the start sphere (so a frozen geometry fails this test), and DMTet starts from
+    exactly that surface."""
+    from server.pipeline.setup import start_job
+    from server.pipeline.step import optimisation_step
+    from server.shapes.solid import surface_error
+
+    spec = JobSpec.from_dict(
+        {"prompt": "a red torus", "seed": 3, "steps": 100, "grid_resolution": 24, "render_size": 64}
+    )
+    state = start_job(spec, None)
+    start = state.geometry().vertices.detach().numpy()
+    assert surface_error(start, "sphere") < 0.01
+    for step in range(state.volume_steps):
+        outcome = optimisation_step(state, step)
+    shaped = outcome.mesh.vertices.numpy()
+    assert surface_error(shaped, "sphere") > 3 * surface_error(start, "sphere") + 0.02
+    proportions = np.ptp(shaped, axis=0)
+    assert proportions[2] < 0.8 * proportions[:2].min()  # flatter than tall, as a torus is
+
+    optimisation_step(state, state.volume_steps)  # hands over, then one DMTet step
+    with torch.no_grad():
+        handed = state.geometry().vertices.numpy()
+    assert abs(np.ptp(handed, axis=0) - proportions).max() < 0.1

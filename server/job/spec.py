@@ -62,12 +62,14 @@ class JobSpec:
     prior: str = "shapes"
     orbit: OrbitSpec | None = field(default_factory=OrbitSpec)
     cameras: tuple[CameraSpec, ...] | None = None
-    steps: int = 400
+    steps: int = 600
     render_size: int = 64
     guidance_scale: float | None = None  # None: the prior's own (`Prior.guidance_scale`)
     cfg_form: str = "uncond"
     gamma: float = 1e-4
-    timestep_knots: tuple[tuple[float, float], ...] = ((0.0, 980.0), (1.0, 200.0))
+    # t falls through the shape stage (the first 60 %, `server.pipeline.setup.Optimisation`) to 300,
+    # where a render's silhouette is settled, then slowly while DMTet refines and the colour settles.
+    timestep_knots: tuple[tuple[float, float], ...] = ((0.0, 980.0), (0.6, 300.0), (1.0, 200.0))
     texture_size: int = 512
     init_shape: str = "sphere"
     grid_resolution: int = 32

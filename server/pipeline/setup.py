@@ -13,6 +13,7 @@ from server.device import resolve_device, resolve_dtype
 from server.distill.schedule import AnnealedTimesteps, NoiseSchedule, RandomTimesteps
 from server.distill.update import Method, Weighting
 from server.geometry.dmtet import DMTet
+from server.geometry.sdf_volume import SDFVolume
 from server.geometry.tetgrid import kuhn_grid
 from server.geometry.texture_field import TextureField, default_encoding, triplane_resolutions
 from server.job.errors import JobSpecError
@@ -32,7 +33,21 @@ class Optimisation:
     gradient of about one unit per latent pixel and view.
     """
 
-    geometry_fraction: float = 0.75  # then the geometry freezes and only the colour keeps moving
+    # Shape stage (`server.geometry.sdf_volume`): the first steps form the shape in a volume that can
+    # change topology, rendered at half the job's render size with one albedo and views from the
+    # upper part of the orbit (only views from above show a torus's hole or a cube's top face).
+    volume_fraction: float = 0.6
+    volume_lr: float = 1e-2
+    volume_levels: tuple[int, ...] = (8, 16)
+    volume_samples: int = 48
+    volume_views: int = 1  # per step, at least; the job's batch_size when larger
+    volume_beta: tuple[float, float] = (0.05, 0.02)  # the density's width, annealed geometrically
+    eikonal_weight: float = 100.0
+    volume_smoothness_weight: float = 100.0
+    volume_min_elevation_deg: float = -90.0
+    opacity_weight: float = 200.0
+    # Then DMTet refines the volume's isosurface with a texture field, until the geometry freezes.
+    geometry_fraction: float = 0.8  # then the geometry freezes and only the colour keeps moving
     sdf_lr: float = 5e-3
     deformation_lr: float = 5e-3
     texture_lr: float = 1e-2
@@ -124,22 +139,28 @@ class CameraSource:
     those come from its own rig (`server.render.mvdream_cameras.MultiViewRig`) whatever the job's cameras.
     """
 
-    def __init__(self, spec: JobSpec, rng: np.random.Generator):
+    def __init__(self, spec: JobSpec, rng: np.random.Generator, min_shaping_elevation: float = -90.0):
         self.rng = rng
         self.rig = OrbitRig(**asdict(spec.orbit)) if spec.cameras is None else None
+        self.shaping_rig = self.rig
+        if spec.orbit is not None:
+            low, high = spec.orbit.elevation_deg
+            raised = (min(max(low, min_shaping_elevation), high), high)
+            self.shaping_rig = OrbitRig(**{**asdict(spec.orbit), "elevation_deg": raised})
         self.cameras = spec.cameras
         self.multiview = MultiViewRig()
 
     def sample(
-        self, n: int, views_per_group: int = 1
+        self, n: int, views_per_group: int = 1, shaping: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(c2w [N,4,4], fovy [N] radians, elevation_deg [N], azimuth_deg [N]) as float32 CPU tensors;
-        N = n views, or n groups of `views_per_group` consecutive views."""
+        N = n views, or n groups of `views_per_group` consecutive views. `shaping`: from the raised
+        orbit of the shape stage."""
         if views_per_group > 1:
             cams = self.multiview.sample(self.rng, n)
             c2w, fovy = np.stack([c.c2w for c in cams]), np.array([c.fovy for c in cams])
         elif self.rig is not None:
-            cams = self.rig.sample(self.rng, n)
+            cams = (self.shaping_rig if shaping else self.rig).sample(self.rng, n)
             c2w, fovy = np.stack([c.c2w for c in cams]), np.array([c.fovy for c in cams])
         else:
             picks = self.rng.integers(0, len(self.cameras), n)
@@ -163,6 +184,9 @@ class JobState:
     spec: JobSpec
     stages: list[PriorStage]
     device: torch.device
+    volume: SDFVolume  # the shape stage's geometry, handed to `geometry` at step `volume_steps`
+    volume_optimizer: torch.optim.Optimizer
+    volume_steps: int
     geometry: DMTet
     texture: TextureField
     optimizer: torch.optim.Optimizer
@@ -205,6 +229,15 @@ def start_job(
         geometry.init_ellipsoid((0.45, 0.45, 0.6))
     else:
         geometry.init_sphere(0.5)
+    volume = SDFVolume(geometry.sdf, geometry.grid.radius, opt.volume_levels)
+    volume_optimizer = torch.optim.Adam(
+        [
+            {"params": list(volume.grids), "lr": opt.volume_lr},
+            {"params": [volume.albedo_logit], "lr": opt.texture_lr},
+        ],
+        betas=(0.9, 0.99),
+        eps=1e-15,
+    )
     encoding = default_encoding(device)
     planes = {"resolutions": triplane_resolutions(spec.render_size)} if encoding == "triplane" else None
     texture = TextureField(encoding=encoding, encoding_options=planes, device=device)
@@ -227,12 +260,15 @@ def start_job(
         spec=spec,
         stages=stages,
         device=device,
+        volume=volume,
+        volume_optimizer=volume_optimizer,
+        volume_steps=int(opt.volume_fraction * spec.steps),
         geometry=geometry,
         texture=texture,
         optimizer=optimizer,
         timesteps=timesteps,
         noise=noise_provider(method, spec.seed, device),
-        cameras=CameraSource(spec, rng),
+        cameras=CameraSource(spec, rng, opt.volume_min_elevation_deg),
         generator=generator,
         geometry_steps=geometry_steps,
         milestones=texture_milestones(geometry_steps, spec.steps),

@@ -7,15 +7,16 @@ from dataclasses import dataclass
 
 import torch
 
-from server.distill.update import CFGForm, distillation_step
+from server.distill.update import CFGForm, DistillationStep, distillation_step
 from server.geometry.dmtet import TriangleMesh
 from server.geometry.regularizers import laplacian_smoothness, normal_consistency, sdf_sign_change
+from server.geometry.sdf_volume import VolumeRender
 from server.job.errors import NonFiniteError
 from server.noise.base import NoiseQuery
 from server.pipeline.asset import TARGET_FACES
 from server.pipeline.export import png_bytes, prepare_atlas
-from server.pipeline.setup import OPTIMISATION, JobState
-from server.render.mesh import render_mesh
+from server.pipeline.setup import OPTIMISATION, JobState, PriorStage
+from server.render.mesh import MeshRender, render_mesh, sample_light_dirs
 
 
 class StepTimer:
@@ -42,7 +43,75 @@ class StepOutcome:
 
 
 def optimisation_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepOutcome:
-    """One step: render a batch of views, encode them, draw eps_tilde from the method's noise, apply
+    """One step of the job: a shape-stage step on the volume, then DMTet steps on its isosurface."""
+    if step < state.volume_steps:
+        return volume_step(state, step, timer)
+    return mesh_step(state, step, timer)
+
+
+def volume_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepOutcome:
+    """The shape stage: render the SDF volume (one albedo, Lambert-shaded), and apply the same flow
+    gradient with the noise attached to the volume's surface points.
+
+    The DMTet's SDF follows the volume after every step, so the mesh a step reports is the surface it
+    rendered (as a DMTet step's), and the texture field follows the albedo, so previews show the colour.
+    """
+    opt, spec, device, volume = OPTIMISATION, state.spec, state.device, state.volume
+    stage = next(stage for stage in state.stages if step < stage.until)
+    prior = stage.prior
+    progress = step / max(state.volume_steps - 1, 1)
+    beta = opt.volume_beta[0] * (opt.volume_beta[1] / opt.volume_beta[0]) ** progress
+    with timer("marching_tets"), torch.no_grad():
+        mesh = state.geometry()
+    with timer("render"):
+        c2w, fovy, elevation, azimuth = state.cameras.sample(
+            max(spec.batch_size, opt.volume_views), stage.views_per_group, shaping=True
+        )
+        light = sample_light_dirs(c2w[:, :3, 3], state.generator)
+        # The consistent noise needs whole latent pixels: at least the latent size, else half the
+        # job's render size (the volume is the costlier render).
+        size = max(spec.render_size // 2 // prior.latent_size, 1) * prior.latent_size
+        view = volume.render(
+            c2w.to(device), fovy.to(device), size, light.to(device), beta, opt.volume_samples, state.generator
+        )
+    t = state.timesteps(step, spec.steps, state.generator)
+    latents, flow = flow_gradient(state, stage, view, t, elevation, azimuth, timer)
+    with timer("regularisers"):
+        loss = flow.loss / len(c2w)
+        loss = loss + opt.eikonal_weight * view.eikonal
+        loss = loss + opt.volume_smoothness_weight * volume.smoothness()
+        loss = loss + opt.opacity_weight * view.opacity.mean()
+    check_finite(loss, step)
+    state.volume_optimizer.zero_grad(set_to_none=True)
+    timer.backward(loss, [(latents, "regularisers"), (view.rgb, "encode_backward")], "render_backward")
+    with timer("optimiser"):
+        state.volume_optimizer.step()
+    with timer("noise"):
+        state.noise.reinject(spec.gamma)
+    with torch.no_grad():
+        state.geometry.sdf.copy_(volume.at(state.geometry.grid_vertices))
+        state.texture.mlp[-1].bias.copy_(volume.albedo_logit)
+    if step == state.volume_steps - 1:
+        with timer("hand_over"):
+            hand_over(state)
+    return StepOutcome(mesh, loss.item(), t, True, None)
+
+
+@torch.no_grad()
+def hand_over(state: JobState) -> None:
+    """The volume's isosurface becomes the DMTet's start, re-distanced from the extracted mesh (so the
+    SDF is a true distance and inner pockets are gone), with fresh optimiser state."""
+    geometry = state.geometry
+    mesh = geometry()
+    if len(mesh.faces) > 0:
+        geometry.init_from_mesh(mesh.vertices, mesh.faces)
+        geometry.remove_small_islands()
+    for parameter in (geometry.sdf, geometry.deformation):
+        state.optimizer.state.pop(parameter, None)
+
+
+def mesh_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepOutcome:
+    """One DMTet step: render a batch of views, encode them, draw eps_tilde from the method's noise, apply
     the flow gradient (plus the geometry's regularisers) through the renderer, re-inject noise.
 
     The backward pass runs the nodes created last first: regularisers, encoder (to the pixels),
@@ -54,7 +123,6 @@ def optimisation_step(state: JobState, step: int, timer: StepTimer = UNTIMED) ->
         for p in (geometry.sdf, geometry.deformation):
             p.requires_grad_(False)
     stage = next(stage for stage in state.stages if step < stage.until)
-    prior = stage.prior
 
     with timer("marching_tets"):
         mesh = geometry()
@@ -71,34 +139,8 @@ def optimisation_step(state: JobState, step: int, timer: StepTimer = UNTIMED) ->
             color_fn=state.texture,
             generator=state.generator,
         )
-    with timer("encode"):
-        latents = prior.encode_images(view.rgb)
-    with timer("noise"):
-        eps_tilde = state.noise.sample(
-            NoiseQuery(
-                (prior.latent_size, prior.latent_size),
-                prior.latent_channels,
-                view.c2w,
-                view.fovy,
-                view.points.detach(),
-                view.opacity.detach(),
-            )
-        )
     t = state.timesteps(step, spec.steps, state.generator)
-    with timer("network"):
-        flow = distillation_step(
-            prior,
-            latents,
-            eps_tilde.to(latents.dtype),
-            t,
-            stage.embeddings.for_views(elevation, azimuth),
-            stage.embeddings.uncond,
-            stage.schedule,
-            stage.guidance_scale,
-            CFGForm(spec.cfg_form),
-            opt.weighting,
-            c2w=view.c2w,
-        )
+    latents, flow = flow_gradient(state, stage, view, t, elevation, azimuth, timer)
     with timer("regularisers"):
         loss = flow.loss / len(c2w)
         if shaping:
@@ -107,8 +149,7 @@ def optimisation_step(state: JobState, step: int, timer: StepTimer = UNTIMED) ->
             loss = loss + opt.normal_weight * normal_consistency(mesh)
             loss = loss + opt.laplacian_weight * laplacian_smoothness(mesh)
             loss = loss + sign_weight * sdf_sign_change(geometry.sdf, geometry.edges)
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"the loss became {loss.item()} at step {step}")
+    check_finite(loss, step)
     state.optimizer.zero_grad(set_to_none=True)
     marks = [(latents, "regularisers"), (view.rgb, "encode_backward"), (mesh.vertices, "render_backward")]
     timer.backward(loss, marks, "marching_tets_backward")
@@ -124,6 +165,53 @@ def optimisation_step(state: JobState, step: int, timer: StepTimer = UNTIMED) ->
         with timer("texture_bake"):
             texture_png = bake_milestone(state)
     return StepOutcome(mesh, loss.item(), t, shaping, texture_png)
+
+
+def flow_gradient(
+    state: JobState,
+    stage: PriorStage,
+    view: MeshRender | VolumeRender,
+    t: int,
+    elevation: torch.Tensor,
+    azimuth: torch.Tensor,
+    timer: StepTimer,
+) -> tuple[torch.Tensor, DistillationStep]:
+    """Encode the views, draw eps_tilde from the method's noise at the views' surface points, and
+    compute the flow gradient on the latents: the part of a step every stage shares."""
+    prior = stage.prior
+    with timer("encode"):
+        latents = prior.encode_images(view.rgb)
+    with timer("noise"):
+        eps_tilde = state.noise.sample(
+            NoiseQuery(
+                (prior.latent_size, prior.latent_size),
+                prior.latent_channels,
+                view.c2w,
+                view.fovy,
+                view.points.detach(),
+                view.opacity.detach(),
+            )
+        )
+    with timer("network"):
+        flow = distillation_step(
+            prior,
+            latents,
+            eps_tilde.to(latents.dtype),
+            t,
+            stage.embeddings.for_views(elevation, azimuth),
+            stage.embeddings.uncond,
+            stage.schedule,
+            stage.guidance_scale,
+            CFGForm(state.spec.cfg_form),
+            OPTIMISATION.weighting,
+            c2w=view.c2w,
+        )
+    return latents, flow
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"the loss became {loss.item()} at step {step}")
 
 
 def bake_milestone(state: JobState) -> bytes:

@@ -1,0 +1,108 @@
+"""Which primitive, in which colour, a generated asset is, judged from its mesh alone (what the GLB carries).
+
+Both the mesh and every true primitive are centred on their bounding boxes and scaled so that their
+largest extent is the same; the verdict is the primitive with the highest volumetric IoU on a lattice
+(the cube also turned about its axis, since a generated cube may face any way). Size and position
+are the optimiser's free choice; proportions are not: a flat disc is not a cube.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.geometry.mesh_sdf import lattice_inside
+from server.geometry.tetgrid import lattice_vertices
+from server.shapes.primitives import (
+    COLOURS,
+    CONE_HALF_HEIGHT,
+    CONE_RADIUS,
+    CUBE_HALF,
+    CYLINDER_HALF_HEIGHT,
+    CYLINDER_RADIUS,
+    SHAPES,
+    SPHERE_RADIUS,
+    TORUS_MAJOR,
+    TORUS_MINOR,
+    inside,
+    sdf,
+)
+
+LATTICE = 48
+EXTENT = 1.6  # the largest extent both solids are scaled to, inside the lattice's [-1, 1]^3
+CUBE_TURNS_DEG = (0.0, 15.0, 30.0, 45.0)
+
+# Half-extents (x = y, z) of the true primitives' bounding boxes.
+HALF_EXTENTS = {
+    "cube": (CUBE_HALF, CUBE_HALF),
+    "sphere": (SPHERE_RADIUS, SPHERE_RADIUS),
+    "cylinder": (CYLINDER_RADIUS, CYLINDER_HALF_HEIGHT),
+    "cone": (CONE_RADIUS, CONE_HALF_HEIGHT),
+    "torus": (TORUS_MAJOR + TORUS_MINOR, TORUS_MINOR),
+}
+
+
+def normalised(vertices: np.ndarray) -> np.ndarray:
+    """Vertices centred on their bounding box, scaled so its largest extent is EXTENT."""
+    vertices = np.asarray(vertices, dtype=np.float64)
+    low, high = vertices.min(axis=0), vertices.max(axis=0)
+    return (vertices - (low + high) / 2) * (EXTENT / max(float((high - low).max()), 1e-9))
+
+
+def true_scale(shape: str) -> float:
+    """From normalised coordinates to the true primitive's own."""
+    radial, axial = HALF_EXTENTS[shape]
+    return 2 * max(radial, axial) / EXTENT
+
+
+def turns(shape: str) -> list[np.ndarray]:
+    """Rotations about the up axis the primitive is compared at."""
+    angles = np.radians(CUBE_TURNS_DEG if shape == "cube" else (0.0,))
+    return [
+        np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]]) for a in angles
+    ]
+
+
+def solid_ious(vertices: np.ndarray, faces: np.ndarray, n: int = LATTICE) -> dict[str, float]:
+    """IoU of the mesh's solid against each primitive, both normalised to the same largest extent."""
+    mesh_inside = lattice_inside(normalised(vertices), faces, n, 1.0)
+    points = lattice_vertices(n)
+    ious = {}
+    for shape in SHAPES:
+        best = 0.0
+        for turn in turns(shape):
+            true_inside = inside(shape, points @ turn * true_scale(shape))
+            union = np.count_nonzero(mesh_inside | true_inside)
+            best = max(best, np.count_nonzero(mesh_inside & true_inside) / union if union else 0.0)
+        ious[shape] = float(best)
+    return ious
+
+
+def surface_error(vertices: np.ndarray, shape: str) -> float:
+    """Mean distance of the surface (its vertices) from the true primitive's, as a fraction of the
+    primitive's largest extent, after the same normalisation: 0 for an exact primitive, and what lumps,
+    spikes and rounded edges add to."""
+    points = normalised(vertices)
+    scale = true_scale(shape)
+    distance = min(float(np.abs(sdf(shape, points @ turn * scale)).mean()) for turn in turns(shape))
+    return distance / (EXTENT * scale)
+
+
+def judge_solid(vertices: np.ndarray, faces: np.ndarray) -> tuple[str, float]:
+    """(the primitive the solid is closest to, its IoU)."""
+    ious = solid_ious(vertices, faces)
+    shape = max(ious, key=ious.get)
+    return shape, ious[shape]
+
+
+def judge_colour(vertices: np.ndarray, faces: np.ndarray, colours: np.ndarray) -> str:
+    """The named colour covering most of the surface: each face votes with its area for the colour
+    nearest (in RGB) to the mean of its vertex colours [N, 3] in [0, 1]."""
+    corners = np.asarray(vertices, dtype=np.float64)[faces]
+    areas = 0.5 * np.linalg.norm(
+        np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]), axis=1
+    )
+    face_colours = np.asarray(colours, dtype=np.float64)[faces].mean(axis=1)
+    names = list(COLOURS)
+    palette = np.array([COLOURS[name] for name in names])
+    nearest = np.linalg.norm(face_colours[:, None, :] - palette[None], axis=-1).argmin(axis=1)
+    return names[int(np.bincount(nearest, weights=areas, minlength=len(names)).argmax())]
