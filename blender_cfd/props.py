@@ -44,10 +44,10 @@ class CFDSettings(bpy.types.PropertyGroup):
     method: EnumProperty(name="Method", items=METHOD_ITEMS, default="CFD")
     guidance_scale: FloatProperty(
         name="Guidance",
-        description="Classifier-free guidance: 20 suits the Shapes prior, 7.5 Stable Diffusion, 50 MVDream",
+        description="Classifier-free guidance: 10 suits the Shapes prior, 7.5 Stable Diffusion, 50 MVDream",
         min=1.0,
         max=200.0,
-        default=20.0,
+        default=10.0,
     )
     camera_source: EnumProperty(name="Cameras", items=CAMERA_ITEMS, default="RIG")
     camera_rig: PointerProperty(

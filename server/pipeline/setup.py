@@ -40,7 +40,7 @@ class Optimisation:
     volume_lr: float = 1e-2
     volume_levels: tuple[int, ...] = (8, 16)
     volume_samples: int = 48
-    volume_views: int = 1  # per step, at least; the job's batch_size when larger
+    volume_views: int = 2  # per step, at least (the job's batch_size when larger): views must agree
     volume_beta: tuple[float, float] = (0.05, 0.02)  # the density's width, annealed geometrically
     eikonal_weight: float = 100.0
     volume_smoothness_weight: float = 100.0

@@ -23,9 +23,10 @@ from server.priors.empirical import EmpiricalPrior, caption_matches
 from server.priors.mvdream import MVDreamPrior, is_mvdream
 
 SHAPES_WEIGHTS = Path(__file__).resolve().parent.parent / "shapes" / "weights"
-# A small prior's conditional and unconditional predictions differ little: at 7.5 the geometry of
-# "a red cube" barely leaves the initial sphere in 400 CPU demo steps, at 20 it becomes a cube.
-SHAPES_GUIDANCE = 20.0
+# A small prior's conditional and unconditional predictions differ little, so it needs more than SD's
+# 7.5; with the shape stage, 20 over-sharpens each view's answer (cubes twist between views) and 10
+# gave truer cubes and cylinders (bench/README.md).
+SHAPES_GUIDANCE = 10.0
 
 __all__ = [
     "SHAPES_GUIDANCE",

@@ -63,14 +63,19 @@ def turns(shape: str) -> list[np.ndarray]:
 
 
 def solid_ious(vertices: np.ndarray, faces: np.ndarray, n: int = LATTICE) -> dict[str, float]:
-    """IoU of the mesh's solid against each primitive, both normalised to the same largest extent."""
-    mesh_inside = lattice_inside(normalised(vertices), faces, n, 1.0)
+    """IoU of the mesh's solid against each primitive, both normalised to the same largest extent (the
+    mesh in each frame it is compared in: a cube turned 45 degrees has a wider bounding box)."""
     points = lattice_vertices(n)
+    vertices = np.asarray(vertices, dtype=np.float64)
+    inside_by_turn: dict[int, np.ndarray] = {}
     ious = {}
     for shape in SHAPES:
+        true_inside = inside(shape, points * true_scale(shape))
         best = 0.0
-        for turn in turns(shape):
-            true_inside = inside(shape, points @ turn * true_scale(shape))
+        for k, turn in enumerate(turns(shape)):
+            if k not in inside_by_turn:
+                inside_by_turn[k] = lattice_inside(normalised(vertices @ turn), faces, n, 1.0)
+            mesh_inside = inside_by_turn[k]
             union = np.count_nonzero(mesh_inside | true_inside)
             best = max(best, np.count_nonzero(mesh_inside & true_inside) / union if union else 0.0)
         ious[shape] = float(best)
@@ -81,9 +86,11 @@ def surface_error(vertices: np.ndarray, shape: str) -> float:
     """Mean distance of the surface (its vertices) from the true primitive's, as a fraction of the
     primitive's largest extent, after the same normalisation: 0 for an exact primitive, and what lumps,
     spikes and rounded edges add to."""
-    points = normalised(vertices)
     scale = true_scale(shape)
-    distance = min(float(np.abs(sdf(shape, points @ turn * scale)).mean()) for turn in turns(shape))
+    vertices = np.asarray(vertices, dtype=np.float64)
+    distance = min(
+        float(np.abs(sdf(shape, normalised(vertices @ turn) * scale)).mean()) for turn in turns(shape)
+    )
     return distance / (EXTENT * scale)
 
 
