@@ -260,7 +260,12 @@ def load_glb_z_up(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def one_asset(job: dict) -> AssetRun:
     """Run one job to its GLB (the product's whole path: optimise, bake, export) and judge the file."""
     result = run_job(JobSpec.from_dict(job), None, Events(), lambda: False)
-    vertices, faces, colours = load_glb_z_up(result.glb)
+    return judge_asset(job, result.glb, result.seconds, result.preview_png)
+
+
+def judge_asset(job: dict, glb: Path, seconds: float, preview_png: Path) -> AssetRun:
+    """Judge a written asset against the primitive and colour its job's prompt names."""
+    vertices, faces, colours = load_glb_z_up(glb)
     colour, shape = parse_caption(job["prompt"])
     verdict, _ = judge_solid(vertices, faces)
     iou = solid_ious(vertices, faces)[shape]
@@ -269,15 +274,25 @@ def one_asset(job: dict) -> AssetRun:
         job["prompt"],
         job["method"],
         job["seed"],
-        round(result.seconds, 2),
+        round(seconds, 2),
         verdict,
         round(iou, 4),
         judged_colour,
         verdict == shape and iou >= SHAPE_IOU_FLOOR,
         judged_colour == colour,
         round(surface_error(vertices, shape), 4),
-        str(result.preview_png),
+        str(preview_png),
     )
+
+
+def judge_folder(folder: Path) -> list[AssetRun]:
+    """Judge every asset a previous run wrote into `folder` (each asset's job.json names its job)."""
+    assets = []
+    for job_json in sorted(folder.glob("*/job.json")):
+        record = json.loads(job_json.read_text())
+        glb = job_json.parent / record["files"]["glb"]
+        assets.append(judge_asset(record["job"], glb, record["seconds"], job_json.parent / "preview.png"))
+    return assets
 
 
 def summarise_assets(assets: list[AssetRun], methods: list[str]) -> dict[str, dict]:
@@ -448,6 +463,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=SHAPE_SEED_OFFSET,
         help="the first of those seeds (the default was never used in tuning)",
     )
+    parser.add_argument(
+        "--judge-assets",
+        type=Path,
+        default=None,
+        help="judge the assets an earlier run wrote into this folder instead of generating (e.g. after a "
+        "change of the judge)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     parser.add_argument(
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel, one process each"
@@ -478,6 +500,10 @@ def main(args: argparse.Namespace) -> int:
         )
     ]
     assets: list[AssetRun] = []
+    if args.judge_assets is not None:
+        jobs, asset_jobs = [], []
+        assets = judge_folder(args.judge_assets)
+        methods = [m for m in methods if any(a.method == m for a in assets)]
     bar = tqdm(
         total=len(jobs) + len(asset_jobs), desc="quality", unit="run", file=sys.stderr, dynamic_ncols=True
     )

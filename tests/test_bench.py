@@ -158,6 +158,7 @@ def test_the_timed_step_makes_run_jobs_updates(method):
 def test_quality_ends_with_the_figures_per_method_and_draws_a_grid(tmp_path, capsys):
     def bench(workers: int) -> dict:
         quick = ("--seeds", "2", "--steps", "2", "--grid-resolution", "8", "--workers", str(workers))
+        quick = (*quick, "--shape-seeds", "0")
         args = parse(
             [
                 *("--specific", "a red cube", "--open", "a shape", "--methods", "sds,cfd", *quick),

@@ -64,9 +64,9 @@ def volume_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepO
     with timer("marching_tets"), torch.no_grad():
         mesh = state.geometry()
     with timer("render"):
-        c2w, fovy, elevation, azimuth = state.cameras.sample(
-            max(spec.batch_size, opt.volume_views), stage.views_per_group, shaping=True
-        )
+        # Several single views per step, or the job's groups for a multi-view prior (already 4 views).
+        views = max(spec.batch_size, opt.volume_views) if stage.views_per_group == 1 else spec.batch_size
+        c2w, fovy, elevation, azimuth = state.cameras.sample(views, stage.views_per_group, shaping=True)
         light = sample_light_dirs(c2w[:, :3, 3], state.generator)
         # The consistent noise needs whole latent pixels: at least the latent size, else half the
         # job's render size (the volume is the costlier render).

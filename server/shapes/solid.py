@@ -29,7 +29,7 @@ from server.shapes.primitives import (
 
 LATTICE = 48
 EXTENT = 1.6  # the largest extent both solids are scaled to, inside the lattice's [-1, 1]^3
-CUBE_TURNS_DEG = (0.0, 15.0, 30.0, 45.0)
+CUBE_TURNS_DEG = tuple(range(0, 90, 9))  # a cube repeats every 90 degrees about its axis
 
 # Half-extents (x = y, z) of the true primitives' bounding boxes.
 HALF_EXTENTS = {
