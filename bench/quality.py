@@ -19,9 +19,16 @@ with its judged outcome underneath) into --out. With --json the last line is one
 method `iou_mean`, `colour_error_mean`, `distinct_modes_mean`, `render_distance_mean` and
 `prompt_following`, then every prompt's figures and every run's.
 
-The default: 2 specific and 3 open prompts, seeds 0-7, 400 steps per run like the CPU demo (in 100
-steps the surface barely leaves its starting sphere), 120 runs over two worker processes of one
-thread each: about half an hour on 2 cores.
+Shape and colour accuracy (`shape_accuracy`, `colour_accuracy` per method): every primitive named
+with a colour ("a red cube", colours cycling through all eight), `--shape-seeds` seeds from 100
+(never used in tuning), each run through the whole product path to its GLB, and the GLB alone
+judged against the true primitives (`server.shapes.solid`). `--judge-assets DIR` re-judges the
+assets an earlier run wrote instead of generating.
+
+The default: 2 specific and 3 open prompts, seeds 0-7, plus 5 primitives x 4 seeds, for 3 methods,
+at the job's default steps (600), over two worker processes of one thread each: 180 runs, about
+four hours on 2 cores; the shape-accuracy part alone (`--specific "" --open ""`) about 42 minutes
+for two methods.
 """
 
 from __future__ import annotations
