@@ -27,7 +27,7 @@ assets an earlier run wrote instead of generating.
 
 The default: 2 specific and 3 open prompts, seeds 0-7, plus 5 primitives x 4 seeds, for 3 methods,
 at the job's default steps (600), over two worker processes of one thread each: 180 runs, about
-four hours on 2 cores; the shape-accuracy part alone (`--specific "" --open ""`) about 42 minutes
+three hours on 2 cores; the shape-accuracy part alone (`--specific "" --open ""`) about 42 minutes
 for two methods.
 """
 
