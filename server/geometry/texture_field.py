@@ -165,6 +165,12 @@ class TextureField(nn.Module):
             self.mlp[-1].weight.normal_(0.0, 1e-3)
             self.mlp[-1].bias.zero_()
 
+    @torch.no_grad()
+    def set_base_colour(self, logit: torch.Tensor) -> None:
+        """Move the field's base (its output bias) to `logit` [3]: with the last layer's small weights,
+        the field then shows about sigmoid(logit) everywhere (the shape stage's albedo)."""
+        self.mlp[-1].bias.copy_(logit)
+
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         """points [M, 3] world -> albedo [M, 3] in [0, 1]."""
         return torch.sigmoid(self.mlp(self.encoding(points / self.radius)))

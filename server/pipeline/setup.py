@@ -34,8 +34,9 @@ class Optimisation:
     """
 
     # Shape stage (`server.geometry.sdf_volume`): the first steps form the shape in a volume that can
-    # change topology, rendered at half the job's render size with one albedo and views from the
-    # upper part of the orbit (only views from above show a torus's hole or a cube's top face).
+    # change topology, rendered at half the job's render size with one albedo, from the job's orbit
+    # (its low views are the only ones that see, and so trim, the underside), with opacity sparsity
+    # so that what no view supports (a torus's hole seen from above) empties.
     volume_fraction: float = 0.6
     volume_lr: float = 1e-2
     volume_levels: tuple[int, ...] = (8, 16)
@@ -44,7 +45,6 @@ class Optimisation:
     volume_beta: tuple[float, float] = (0.05, 0.02)  # the density's width, annealed geometrically
     eikonal_weight: float = 100.0
     volume_smoothness_weight: float = 100.0
-    volume_min_elevation_deg: float = -90.0
     opacity_weight: float = 200.0
     # Then DMTet refines the volume's isosurface with a texture field, until the geometry freezes.
     geometry_fraction: float = 0.8  # then the geometry freezes and only the colour keeps moving
@@ -139,28 +139,22 @@ class CameraSource:
     those come from its own rig (`server.render.mvdream_cameras.MultiViewRig`) whatever the job's cameras.
     """
 
-    def __init__(self, spec: JobSpec, rng: np.random.Generator, min_shaping_elevation: float = -90.0):
+    def __init__(self, spec: JobSpec, rng: np.random.Generator):
         self.rng = rng
         self.rig = OrbitRig(**asdict(spec.orbit)) if spec.cameras is None else None
-        self.shaping_rig = self.rig
-        if spec.orbit is not None:
-            low, high = spec.orbit.elevation_deg
-            raised = (min(max(low, min_shaping_elevation), high), high)
-            self.shaping_rig = OrbitRig(**{**asdict(spec.orbit), "elevation_deg": raised})
         self.cameras = spec.cameras
         self.multiview = MultiViewRig()
 
     def sample(
-        self, n: int, views_per_group: int = 1, shaping: bool = False
+        self, n: int, views_per_group: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(c2w [N,4,4], fovy [N] radians, elevation_deg [N], azimuth_deg [N]) as float32 CPU tensors;
-        N = n views, or n groups of `views_per_group` consecutive views. `shaping`: from the raised
-        orbit of the shape stage."""
+        N = n views, or n groups of `views_per_group` consecutive views."""
         if views_per_group > 1:
             cams = self.multiview.sample(self.rng, n)
             c2w, fovy = np.stack([c.c2w for c in cams]), np.array([c.fovy for c in cams])
         elif self.rig is not None:
-            cams = (self.shaping_rig if shaping else self.rig).sample(self.rng, n)
+            cams = self.rig.sample(self.rng, n)
             c2w, fovy = np.stack([c.c2w for c in cams]), np.array([c.fovy for c in cams])
         else:
             picks = self.rng.integers(0, len(self.cameras), n)
@@ -268,7 +262,7 @@ def start_job(
         optimizer=optimizer,
         timesteps=timesteps,
         noise=noise_provider(method, spec.seed, device),
-        cameras=CameraSource(spec, rng, opt.volume_min_elevation_deg),
+        cameras=CameraSource(spec, rng),
         generator=generator,
         geometry_steps=geometry_steps,
         milestones=texture_milestones(geometry_steps, spec.steps),

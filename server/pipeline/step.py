@@ -66,7 +66,7 @@ def volume_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepO
     with timer("render"):
         # Several single views per step, or the job's groups for a multi-view prior (already 4 views).
         views = max(spec.batch_size, opt.volume_views) if stage.views_per_group == 1 else spec.batch_size
-        c2w, fovy, elevation, azimuth = state.cameras.sample(views, stage.views_per_group, shaping=True)
+        c2w, fovy, elevation, azimuth = state.cameras.sample(views, stage.views_per_group)
         light = sample_light_dirs(c2w[:, :3, 3], state.generator)
         # The consistent noise needs whole latent pixels: at least the latent size, else half the
         # job's render size (the volume is the costlier render).
@@ -90,7 +90,7 @@ def volume_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepO
         state.noise.reinject(spec.gamma)
     with torch.no_grad():
         state.geometry.sdf.copy_(volume.at(state.geometry.grid_vertices))
-        state.texture.mlp[-1].bias.copy_(volume.albedo_logit)
+        state.texture.set_base_colour(volume.albedo_logit)
     if step == state.volume_steps - 1:
         with timer("hand_over"):
             hand_over(state)
