@@ -10,13 +10,13 @@ from __future__ import annotations
 import bpy
 import numpy as np
 from bpy.props import BoolProperty
-from mathutils import Vector
 
 from . import jobs, scene_objects, session
 from .addon import preferences
 
 VARIANT_GAP = 0.5  # scene units between neighbouring variants
 OBJECT_EXTENT = 1.0  # generated objects live in [-1, 1]^3
+PLACEMENT_SLACK = 1e-4  # scene units: rounding, so that a spot just placed clear of a box stays clear
 
 
 # ---------------------------------------------------------------------------------- job building
@@ -95,22 +95,41 @@ def reference_variant(context: bpy.types.Context) -> bpy.types.Object | None:
     return obj if is_variant(obj) and context.scene.objects.get(obj.name) else None
 
 
-def beside(context: bpy.types.Context, obj: bpy.types.Object) -> tuple[float, float, float]:
-    """A free spot to the right (+X) of a variant, skipping spots other variants already take."""
-    step = obj.dimensions.x / 2 + OBJECT_EXTENT * max(obj.scale) + VARIANT_GAP
-    taken = [v.location for v in context.scene.objects if is_variant(v) or v.name.startswith("CFD preview")]
-    spot = obj.location + Vector((step, 0.0, 0.0))
-    while any((spot - other).length < step / 2 for other in taken):
-        spot += Vector((step, 0.0, 0.0))
-    return tuple(spot)
+def free_spot(context: bpy.types.Context, start) -> tuple[float, float, float]:
+    """Where a new result goes: `start`, else the nearest spot to its right (+X) where the result's box
+    ([-1, 1]^3 and a gap) overlaps no visible object's bounds, so it is never hidden inside another.
+    Generate starts from the 3D cursor, Re-roll and Regenerate from their variant: one rule for all."""
+    half = OBJECT_EXTENT + VARIANT_GAP - PLACEMENT_SLACK  # touching within the slack is not overlapping
+    boxes = [
+        scene_objects.world_bounds(obj)
+        for obj in context.scene.objects
+        if obj.type in scene_objects.GEOMETRY_TYPES and obj.visible_get() and not obj.cfd_rig.is_rig
+    ]
+    spot = np.array(start, dtype=np.float64)
+    while True:
+        ends = [high[0] for low, high in boxes if np.all((low < spot + half) & (spot - half < high))]
+        if not ends:
+            return tuple(map(float, spot))
+        spot[0] = max(ends) + OBJECT_EXTENT + VARIANT_GAP  # clear of the rightmost box in the way: x grows
+
+
+def generate_location(context: bpy.types.Context) -> tuple[float, float, float]:
+    """Beside whatever is at the 3D cursor; exactly there when the scene's own cameras frame the cursor."""
+    cursor = context.scene.cursor.location
+    return tuple(cursor) if context.scene.cfd.camera_source == "SELECTED" else free_spot(context, cursor)
 
 
 def send_job(operator, context, job: dict, location, mesh=None) -> set[str]:
-    """Start `job` in the session; with the operator's `wait`, block until its asset is in."""
+    """Start `job` in the session; with the operator's `wait`, block until its asset is in.
+
+    The scene's first result is framed in the 3D views as it starts, so a newcomer watches it grow."""
     ctl = session.get()
+    first = not any(is_variant(obj) for obj in context.scene.objects)
     if ctl.start(context, job, location, mesh) is None:
         operator.report({"ERROR"}, f"{ctl.error.message}. {ctl.error.fix}")
         return {"CANCELLED"}
+    if first and preferences().frame_first_result:
+        scene_objects.frame_in_views(context, location, OBJECT_EXTENT)
     if operator.wait:
         ctl.wait()
         if ctl.error is not None:
@@ -151,7 +170,7 @@ class CFD_OT_generate(bpy.types.Operator):
         return _poll_idle(cls, context)
 
     def execute(self, context):
-        location = tuple(context.scene.cursor.location)
+        location = generate_location(context)
         try:
             job, mesh = job_from_panel(context, location)
         except ValueError as error:
@@ -178,9 +197,9 @@ class CFD_OT_reroll(bpy.types.Operator):
         try:
             if reference is not None:
                 job = machine_job(jobs.decode_job(reference["cfd_job"]))
-                location = beside(context, reference)
+                location = free_spot(context, reference.location)
             else:
-                location = tuple(context.scene.cursor.location)
+                location = generate_location(context)
                 job, _ = job_from_panel(context, location)
             job = jobs.with_seed(job, jobs.new_seed(np.random.default_rng(), avoid=job["seed"]))
             mesh = init_mesh(context, job)
@@ -221,7 +240,7 @@ class CFD_OT_regenerate(bpy.types.Operator):
         except ValueError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
-        return send_job(self, context, job, beside(context, variant), mesh)
+        return send_job(self, context, job, free_spot(context, variant.location), mesh)
 
 
 class CFD_OT_cancel(bpy.types.Operator):

@@ -127,6 +127,9 @@ class CFD_PT_variants(bpy.types.Panel):
             col = layout.column(align=True)
             _wrapped(col, f"{obj.get('cfd_prompt', '')}", _line_width(context), icon="OBJECT_DATA")
             col.label(text=f"seed {obj['cfd_seed']} · {obj.get('cfd_settings', {}).get('method', '')}")
+            if context.space_data is None or context.space_data.shading.type == "SOLID":
+                text = "Solid shading shows its mean colour; Material Preview shows the texture"
+                _wrapped(col, text, _line_width(context), icon="SHADING_TEXTURE")
         collection = bpy.data.collections.get(scene_objects.VARIANTS_COLLECTION)
         count = sum(1 for o in collection.objects if "cfd_job" in o) if collection is not None else 0
         row = layout.row()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import bpy
-from bpy.props import EnumProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, StringProperty
 
 from . import environment, environment_ui, jobs
 from .addon import ADDON_ID, user_folder
@@ -49,6 +49,11 @@ class CFDPreferences(bpy.types.AddonPreferences):
         description="Where finished assets are written (empty: the extension's user folder)",
         subtype="DIR_PATH",
     )
+    frame_first_result: BoolProperty(
+        name="Frame the First Result",
+        description="Centre the 3D view on a scene's first generated result, so it is in sight as it grows",
+        default=True,
+    )
     remote_address: StringProperty(
         name="Remote Server", description="host:port of a server started with --listen (empty: run locally)"
     )
@@ -86,6 +91,7 @@ class CFDPreferences(bpy.types.AddonPreferences):
         row.prop(self, "precision")
         col.prop(self, "output_dir")
         col.label(text=f"Assets go to {self.output_folder()}")
+        col.prop(self, "frame_first_result")
         box = layout.box()
         box.label(text="Remote Server (optional)", icon="URL")
         box.prop(self, "remote_address")

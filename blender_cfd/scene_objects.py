@@ -13,11 +13,15 @@ from pathlib import Path
 
 import bpy
 import numpy as np
+from mathutils import Vector
 
 from . import camera_rig
 from .glb import GlbMesh
 
 VARIANTS_COLLECTION = "CFD Variants"
+# Object types with a surface that could hide a new result (cameras, lights and empties cannot).
+GEOMETRY_TYPES = frozenset({"MESH", "CURVE", "SURFACE", "META", "FONT", "VOLUME", "POINTCLOUD", "CURVES"})
+FRAME_DISTANCE = 3.5  # view distance per unit of a framed result's half size
 PREVIEW_COLOR_ATTRIBUTE = "cfd_preview_color"
 NAME_LIMIT = 63  # bytes in a Blender ID name
 
@@ -203,12 +207,50 @@ def finish_variant(obj: bpy.types.Object, asset: GlbMesh, name: str, properties:
     mesh.materials.clear()
     if asset.texture is not None:
         extension = ".jpg" if asset.texture_mime == "image/jpeg" else ".png"
-        mesh.materials.append(textured_material(name, packed_image(name, asset.texture, extension)))
+        image = packed_image(name, asset.texture, extension)
+        material = textured_material(name, image)
+        if asset.corner_uvs is not None:  # Solid view's colours: the material's and the object's
+            material.diffuse_color = obj.color = mean_surface_colour(image, asset.corner_uvs)
+        mesh.materials.append(material)
     obj.name = name
     mesh.name = name
     for key, value in properties.items():
         obj[key] = value
     return obj
+
+
+def world_bounds(obj: bpy.types.Object) -> tuple[np.ndarray, np.ndarray]:
+    """The object's bounding box in world space (lowest and highest corner)."""
+    corners = np.array([obj.matrix_world @ Vector(corner) for corner in obj.bound_box], dtype=np.float64)
+    return corners.min(axis=0), corners.max(axis=0)
+
+
+def frame_in_views(context: bpy.types.Context, location, half_size: float) -> int:
+    """Centre every 3D view on a new result and zoom to fit it; returns how many views were framed."""
+    framed = 0
+    window_manager = context.window_manager
+    for window in window_manager.windows if window_manager is not None else ():
+        for area in window.screen.areas:
+            if area.type == "VIEW_3D":
+                view = area.spaces.active.region_3d
+                view.view_location = location
+                view.view_distance = FRAME_DISTANCE * half_size
+                framed += 1
+    return framed
+
+
+def mean_surface_colour(image: bpy.types.Image, corner_uvs: np.ndarray) -> tuple[float, float, float, float]:
+    """The texture averaged where the mesh's UVs look (not the atlas' empty gaps), as linear RGBA:
+    what Solid shading shows, which otherwise draws every result the same grey."""
+    width, height = image.size
+    pixels = np.empty(width * height * 4, dtype=np.float32)
+    image.pixels.foreach_get(pixels)  # sRGB values of the 8-bit file, rows bottom-up like V
+    uv = corner_uvs.reshape(-1, 2)
+    cols = np.clip((uv[:, 0] * width).astype(int), 0, width - 1)
+    rows = np.clip((uv[:, 1] * height).astype(int), 0, height - 1)
+    srgb = pixels.reshape(height, width, 4)[rows, cols, :3]
+    linear = SRGB_TO_LINEAR[np.clip(np.round(srgb * 255), 0, 255).astype(int)].mean(axis=0)
+    return (*map(float, linear), 1.0)
 
 
 def select_only(context: bpy.types.Context, obj: bpy.types.Object) -> None:

@@ -10,6 +10,7 @@ of the pytest process keeps its threads apart from the server's.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -143,6 +144,21 @@ def reported_error(operator, **options) -> str:
     raise AssertionError(f"{operator.idname()} should have reported an error")
 
 
+def overlapping(obj) -> list[str]:
+    """Visible meshes whose world bounding box meets this object's."""
+    bounds = sys.modules[f"{MODULE}.blender_cfd.scene_objects"].world_bounds
+    low, high = bounds(obj)
+    return [
+        other.name
+        for other in bpy.context.scene.objects
+        if other is not obj
+        and other.type == "MESH"
+        and other.visible_get()
+        and all(a < b for a, b in zip(bounds(other)[0], high, strict=True))
+        and all(a < b for a, b in zip(low, bounds(other)[1], strict=True))
+    ]
+
+
 def vertices_of(obj) -> np.ndarray:
     co = np.empty(len(obj.data.vertices) * 3, dtype=np.float32)
     obj.data.attributes["position"].data.foreach_get("vector", co)
@@ -189,7 +205,8 @@ def variants(zip_path: str, out: Path) -> dict:
     first = bpy.data.objects["a wooden toy (seed 7)"]
     assert first.as_pointer() == preview.as_pointer(), "the streaming object becomes the variant"
     assert first.users_collection[0].name == "CFD Variants"
-    assert tuple(first.location) == (0.0, 0.0, 0.0), "placed at the 3D cursor"
+    assert first.location.x == 2.5 and tuple(first.location.yz) == (0.0, 0.0), "beside the cube at the cursor"
+    assert not overlapping(first), overlapping(first)
     assert first["cfd_prompt"] == "a wooden toy" and first["cfd_seed"] == 7
     assert first["cfd_settings"]["method"] == "CFD" and first["cfd_settings"]["quality"] == "DRAFT"
     assert json.loads(first["cfd_job"])["seed"] == 7
@@ -202,15 +219,25 @@ def variants(zip_path: str, out: Path) -> dict:
     assert link.from_node.bl_idname == "ShaderNodeTexImage"
     image = link.from_node.image
     assert image.packed_file is not None and tuple(image.size) == (128, 128) and image.name == first.name
+    with Image.open(io.BytesIO(image.packed_file.data)) as texture:
+        texels = np.asarray(texture.convert("RGB"), np.float64) / 255.0
+    uv = np.empty(len(first.data.loops) * 2, np.float32)
+    first.data.uv_layers["UVMap"].data.foreach_get("uv", uv)
+    rows, cols = (np.clip((coord * 128).astype(int), 0, 127) for coord in (1.0 - uv[1::2], uv[0::2]))
+    srgb = texels[rows, cols]
+    expected = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4).mean(axis=0)
+    assert np.abs(np.array(material.diffuse_color[:3]) - expected).max() < 0.01, "Solid view: the mean colour"
+    assert tuple(first.color) == tuple(material.diffuse_color)
     assert bpy.context.view_layer.objects.active == first and first.select_get()
     selected = draw_panels()
-    assert "seed 7" in labels(selected), labels(selected)
+    assert "seed 7" in labels(selected) and "Material Preview" in labels(selected), labels(selected)
 
     bpy.ops.cfd.reroll(wait=True)
     second = bpy.data.objects[ctl.last_variant]
     seed2 = second["cfd_seed"]
     assert seed2 != 7 and scene.cfd.seed == seed2 and second.name == f"a wooden toy (seed {seed2})"
     assert second.location.x > first.location.x + 1.0 and abs(second.location.y - first.location.y) < 1e-6
+    assert not overlapping(second), overlapping(second)
     assert json.loads(second["cfd_job"]) == {**json.loads(first["cfd_job"]), "seed": seed2}
     v1, v2 = vertices_of(first), vertices_of(second)
     assert v1.shape != v2.shape or not np.allclose(v1, v2), "a new seed must give a different mesh"
@@ -224,7 +251,7 @@ def variants(zip_path: str, out: Path) -> dict:
     )
     assert third.name.startswith("a wooden toy (seed 7)") and third.name != first.name
     assert np.array_equal(vertices_of(third), v1), "same seed and settings must give the same mesh"
-    assert (third.location - second.location).length > 1.0, "the regenerated variant takes a free spot"
+    assert not overlapping(third), "the regenerated variant takes a free spot"
 
     render = out / "variants.png"
     render_variants([first, second, third], render)
