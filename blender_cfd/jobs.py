@@ -55,6 +55,10 @@ PRIORS = {
     "MVDREAM": ("mvdream", None),
     "MVDREAM_SD21": ("mvdream", SD21_BASE),  # MVDream forms the shape, SD 2.1 adds detail
 }
+# What the shipped shapes prior knows, for the panel (a copy: Blender must not import server/shapes;
+# tests/test_blender_extension.py checks it against server/shapes/primitives.py).
+SHAPES_VOCABULARY = ("cube", "sphere", "cylinder", "cone", "torus")
+COLOURS_VOCABULARY = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
 INIT_SHAPES = {"SPHERE": "sphere", "MESH": "mesh"}
 # Which panel value each job field comes back to on Regenerate.
 PANEL_FIELDS = ("prompt", "negative_prompt", "seed", "guidance_scale")
@@ -79,6 +83,11 @@ def explicit_cameras(views: list[tuple[np.ndarray, float]]) -> list[dict]:
     ]
 
 
+def prior_sources(prior: str, custom_prior: str = "") -> tuple[str, str | None]:
+    """The preferences' prior choice as the job's (prior, chain_prior); an empty custom one is shapes."""
+    return PRIORS.get(prior, (custom_prior.strip() or "shapes", None))
+
+
 def build_job(
     *,
     prompt: str,
@@ -100,7 +109,7 @@ def build_job(
     if (orbit is None) == (cameras is None):
         raise ValueError("give exactly one of orbit / cameras")
     preset = QUALITY_PRESETS[quality]
-    source, chain = PRIORS.get(prior, (custom_prior.strip() or "shapes", None))
+    source, chain = prior_sources(prior, custom_prior)
     job: dict[str, Any] = {
         "format": JOB_FORMAT,
         "prompt": prompt,

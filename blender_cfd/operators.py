@@ -167,6 +167,9 @@ class CFD_OT_generate(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
+        if not context.scene.cfd.prompt.strip():
+            cls.poll_message_set("Type a prompt first: Generate makes what it describes")
+            return False
         return _poll_idle(cls, context)
 
     def execute(self, context):

@@ -10,7 +10,8 @@ import textwrap
 
 import bpy
 
-from . import scene_objects, session
+from . import jobs, scene_objects, session
+from .addon import preferences
 
 
 def _line_width(context: bpy.types.Context) -> int:
@@ -48,6 +49,10 @@ class CFD_PT_generate(bpy.types.Panel):
 
         col = layout.column()
         col.prop(settings, "prompt", text="")
+        prefs = preferences()
+        if jobs.prior_sources(prefs.prior, prefs.custom_prior)[0] == "shapes":
+            shapes, colours = ", ".join(jobs.SHAPES_VOCABULARY), ", ".join(jobs.COLOURS_VOCABULARY)
+            _wrapped(col, f"The Shapes prior knows {shapes} in {colours}", _line_width(context), icon="INFO")
         col.prop(settings, "negative_prompt")
         row = col.row(align=True)
         row.prop(settings, "seed")
@@ -95,6 +100,8 @@ class CFD_PT_generate(bpy.types.Panel):
             row = layout.row()
             row.scale_y = 1.5
             row.operator("cfd.generate", icon="PLAY")
+            if not settings.prompt.strip():
+                layout.label(text="Type a prompt to generate", icon="INFO")
 
         if job.error is not None:
             box = layout.box()

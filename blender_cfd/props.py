@@ -37,7 +37,11 @@ def _is_mesh(_self, obj: bpy.types.Object) -> bool:
 class CFDSettings(bpy.types.PropertyGroup):
     """What to generate; a finished variant stores these as custom properties for Regenerate."""
 
-    prompt: StringProperty(name="Prompt", description="What to make", default="a red apple")
+    prompt: StringProperty(
+        name="Prompt",
+        description="What to make; the Shapes prior knows a colour and a shape, e.g. a blue torus",
+        default="a red cube",
+    )
     negative_prompt: StringProperty(name="Negative", description="What to avoid", default="")
     seed: IntProperty(name="Seed", description="Same seed and settings give the same asset", min=0, default=0)
     quality: EnumProperty(name="Quality", items=QUALITY_ITEMS, default="STANDARD")

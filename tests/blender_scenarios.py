@@ -170,13 +170,24 @@ def vertices_of(obj) -> np.ndarray:
 
 def variants(zip_path: str, out: Path) -> dict:
     """Generate with streaming, Re-roll, Regenerate; check the objects; render them; one undo step."""
-    ctl_module, _ = install(zip_path, out)
+    ctl_module, prefs = install(zip_path, out)
     ctl = ctl_module.get()
+    jobs = sys.modules[f"{MODULE}.blender_cfd.jobs"]
     scene = bpy.context.scene
+    _, colour, shape = scene.cfd.prompt.split()
+    assert colour in jobs.COLOURS_VOCABULARY and shape in jobs.SHAPES_VOCABULARY, "a default that it knows"
+    assert "knows cube, sphere" in labels(draw_panels()) and bpy.ops.cfd.generate.poll()
+    prefs.prior = "SD21"
+    assert "knows" not in labels(draw_panels()), "other priors take any prompt"
+    prefs.prior = "SHAPES"
+    scene.cfd.prompt = "  "
+    assert not bpy.ops.cfd.generate.poll(), "Generate is greyed out without a prompt"
+    assert "Type a prompt" in labels(draw_panels())
     scene.cursor.location = (0.0, 0.0, 0.0)
     set_panel("a wooden toy", 7)
     idle = draw_panels()
     assert shown(idle, "operator", idname="cfd.generate") and not shown(idle, "progress"), idle
+    assert "Type a prompt" not in labels(idle)
 
     assert bpy.ops.cfd.generate() == {"FINISHED"}
     assert ctl.busy and bpy.ops.cfd.generate.poll() is False, "Generate must be greyed out while a job runs"

@@ -237,6 +237,14 @@ def test_every_prior_choice_names_what_the_server_loads():
     assert spec("CUSTOM", "").prior == "shapes"
 
 
+def test_the_panel_names_what_the_shapes_prior_knows():
+    from blender_cfd_ext.blender_cfd import jobs
+
+    from server.shapes.primitives import COLOURS, SHAPES
+
+    assert (SHAPES, tuple(COLOURS)) == (jobs.SHAPES_VOCABULARY, jobs.COLOURS_VOCABULARY)
+
+
 def test_variant_names_fit_blender_and_keep_the_seed():
     from blender_cfd_ext.blender_cfd.scene_objects import NAME_LIMIT, variant_name
 
