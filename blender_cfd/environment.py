@@ -59,11 +59,17 @@ try:
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         report["device"], report["device_name"] = "mps", "Apple GPU"
     else:
-        report["device"], report["device_name"] = "cpu", platform.processor() or platform.machine()
+        report["device"], report["device_name"] = "cpu", "CPU"
 except Exception as error:
     report["torch_error"] = f"{type(error).__name__}: {error}"
 print(json.dumps(report))
 """
+
+
+def device_label(device: str, device_name: str = "") -> str:
+    """What people call the device a server runs on: "CPU", "Apple GPU", or the GPU's own name
+    (a server's CPU name is its machine architecture, such as "x86_64", which says nothing)."""
+    return {"cpu": "CPU", "mps": "Apple GPU"}.get(device) or device_name or device.upper()
 
 
 def venv_python(venv_dir: Path) -> Path:
@@ -129,7 +135,7 @@ class EnvironmentReport:
         return [
             f"Python {self.python_version} ({self.python})",
             f"torch {self.torch}, CUDA {self.cuda or 'not available'}",
-            f"device: {self.device} ({self.device_name})",
+            f"device: {device_label(self.device, self.device_name)}",
         ]
 
 

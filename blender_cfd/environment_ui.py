@@ -47,7 +47,8 @@ class EnvironmentState:
             lines += [line for line in self.report.lines() if line]
         server = session.get().server_info
         if server:
-            lines.append(f"Server running: torch {server.get('torch')} on {server.get('device_name')}")
+            device = environment.device_label(server.get("device", ""), server.get("device_name", ""))
+            lines.append(f"Server running: torch {server.get('torch')} on {device}")
         return lines
 
 

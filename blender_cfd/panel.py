@@ -10,7 +10,7 @@ import textwrap
 
 import bpy
 
-from . import jobs, scene_objects, session
+from . import environment, jobs, scene_objects, session
 from .addon import preferences
 
 
@@ -95,7 +95,9 @@ class CFD_PT_generate(bpy.types.Panel):
             row.progress(factor=progress.fraction, type="BAR", text=text)
             row.operator("cfd.cancel", text="", icon="X")
             if job.server_info:
-                layout.label(text=f"on {job.server_info.get('device_name') or job.server_info.get('device')}")
+                info = job.server_info
+                device = environment.device_label(info.get("device", ""), info.get("device_name", ""))
+                layout.label(text=f"on {device}")
         else:
             row = layout.row()
             row.scale_y = 1.5
@@ -108,12 +110,14 @@ class CFD_PT_generate(bpy.types.Panel):
             box.alert = True
             width = _line_width(context)
             _wrapped(box, job.error.message, width, icon="ERROR")
+            if job.error.detail:
+                _wrapped(box, job.error.detail, width, icon="BLANK1")
             if job.error.fix:
                 _wrapped(box, job.error.fix, width, icon="INFO")
-            row = box.row()
+            col = box.column(align=True)  # one button a line: side by side, the sidebar cuts their labels
             if job.error.code in session.ENVIRONMENT_ERRORS:
-                row.operator("cfd.check_environment", icon="CHECKMARK")
-            row.operator("cfd.dismiss_error", icon="X")
+                col.operator("cfd.check_environment", icon="CHECKMARK")
+            col.operator("cfd.dismiss_error", icon="X")
 
 
 class CFD_PT_variants(bpy.types.Panel):

@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import time
 import uuid
@@ -64,8 +65,9 @@ class Progress:
 @dataclass
 class JobError:
     code: str
-    message: str
+    message: str  # the headline, in the user's words
     fix: str = ""
+    detail: str = ""  # what a bug report needs (an exit status, the server's last error line)
 
 
 @dataclass
@@ -385,20 +387,22 @@ class Session:
     def _server_gone(self, reason: str) -> None:
         """The server process exited or the connection broke: report it, so Generate can start anew."""
         connection = self.connection
+        details = [reason]
         if isinstance(connection, client.ServerProcess):
             with contextlib.suppress(subprocess.TimeoutExpired):  # its output ended: it is exiting
-                reason += f" (exit code {connection.process.wait(timeout=2.0)})"
+                details.append(exit_status(connection.process.wait(timeout=2.0)))
             errors = [line for line in connection.stderr_tail if "Error" in line]
             if errors:  # e.g. "ModuleNotFoundError: No module named 'torch'"
-                reason += f". {errors[-1]}"
+                details.append(errors[-1])
         had_job = self.job is not None and self.job.cancel_sent_at is None
         self._drop_connection()
         if had_job:
             self._fail(
                 job_error(
                     "server_exited",
-                    f"The server stopped: {reason}",
+                    "The generation server stopped unexpectedly",
                     "Generate starts a new server; if it fails again, click Check Environment",
+                    detail="; ".join(details),
                 )
             )
         self._end_job()
@@ -416,15 +420,24 @@ class Session:
             connection.close()
 
 
-def job_error(code: str, message: str, fix: str = "") -> JobError:
+def job_error(code: str, message: str, fix: str = "", detail: str = "") -> JobError:
     """An error for the panel; a missing package in the server's environment gets the setup fix."""
-    if "No module named" in message:
+    if "No module named" in message + detail:
         return JobError(
             "no_environment",
             message,
             "The server's Python lacks a package: click Set up Environment (or pip install requirements.txt)",
+            detail,
         )
-    return JobError(code, message, fix[:1].upper() + fix[1:])
+    return JobError(code, message, fix[:1].upper() + fix[1:], detail)
+
+
+def exit_status(code: int) -> str:
+    """Says 'exit status -9 (SIGKILL)': the number to search for, and the signal's name where it has one."""
+    try:
+        return f"exit status {code} ({signal.Signals(-code).name})" if code < 0 else f"exit status {code}"
+    except ValueError:  # not a signal this platform knows
+        return f"exit status {code}"
 
 
 def _message_error(message: protocol.Message) -> JobError:

@@ -102,6 +102,12 @@ def shown(log: list, kind: str, **match) -> list[dict]:
     return [d for k, d in log if k == kind and all(d.get(key) == value for key, value in match.items())]
 
 
+def container_of(log: list, idname: str) -> str:
+    """The kind of layout (row, column, box) an operator's button was drawn into."""
+    index = next(i for i, (kind, d) in enumerate(log) if kind == "operator" and d["idname"] == idname)
+    return next(kind for kind, _ in reversed(log[:index]) if kind in ("row", "column", "box"))
+
+
 def labels(log: list) -> str:
     return " | ".join(d.get("text", "") for k, d in log if k == "label")
 
@@ -210,6 +216,7 @@ def variants(zip_path: str, out: Path) -> dict:
     assert ctl.error is None, ctl.error
     assert len(counts) >= 2, f"the stream should change topology once (vertex counts seen: {counts})"
     assert shown(running, "progress") and shown(running, "operator", idname="cfd.cancel"), running
+    assert "on CPU" in labels(running), "the device by name, not the machine's architecture"
     progress = shown(running, "progress")[0]
     assert "ETA" in progress["text"] and 0.0 < progress["factor"] <= 1.0, progress
 
@@ -336,10 +343,14 @@ def interruptions(zip_path: str, out: Path) -> dict:
     os.kill(process.pid, signal.SIGKILL)
     pump_until(ctl, lambda: not ctl.busy, what="the crash to be noticed")
     assert ctl.error is not None and ctl.error.code == "server_exited", ctl.error
-    assert "-9" in ctl.error.message, ctl.error.message
+    assert ctl.error.message == "The generation server stopped unexpectedly", ctl.error
+    assert "exit status -9 (SIGKILL)" in ctl.error.detail, ctl.error.detail
     crashed = draw_panels()
-    assert "The server stopped" in labels(crashed), labels(crashed)
+    text = labels(crashed)
+    assert "The generation server stopped" in text and "(SIGKILL)" in text, text
     assert shown(crashed, "operator", idname="cfd.check_environment"), "the error box offers the check"
+    buttons = {container_of(crashed, name) for name in ("cfd.check_environment", "cfd.dismiss_error")}
+    assert buttons == {"column"}, "one button a line, so the sidebar does not cut their labels"
     assert shown(crashed, "operator", idname="cfd.generate"), "Generate is offered again"
     results["crash_panel"] = labels(crashed)
     set_panel("a recovered cup", 5)
@@ -411,6 +422,7 @@ def environment(zip_path: str, out: Path) -> dict:
     assert report.python_version == ".".join(map(str, sys.version_info[:3]))
     assert report.torch.startswith("2.") and report.device == "cpu", report
     good = environment_ui.environment_state().lines()
+    assert "device: CPU" in good, good
     drawn = draw_preferences(prefs)
     assert shown(drawn, "operator", idname="cfd.check_environment")
     assert shown(drawn, "operator", idname="cfd.setup_environment")

@@ -299,6 +299,14 @@ def test_environment_paths_and_setup_commands(tmp_path):
     assert environment.server_environment({"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"
 
 
+def test_devices_are_named_as_people_call_them():
+    from blender_cfd_ext.blender_cfd.environment import device_label
+
+    assert device_label("cpu", "x86_64") == "CPU"
+    assert device_label("mps", "Apple GPU (MPS)") == "Apple GPU"
+    assert device_label("cuda", "NVIDIA GeForce RTX 4090") == "NVIDIA GeForce RTX 4090"
+
+
 def test_probe_reports_a_missing_interpreter_and_missing_packages(tmp_path):
     import venv
 
