@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -28,6 +29,11 @@ REQUIRED_PACKAGES = (
     "xatlas",
     "scipy",
     "PIL=pillow",
+)
+# Where an installed NVIDIA driver shows itself (Linux, Windows): then the CUDA build of torch can run.
+NVIDIA_DRIVER_FILES = (
+    Path("/proc/driver/nvidia/version"),
+    Path(os.environ.get("SYSTEMROOT", "C:/Windows")) / "System32" / "nvcuda.dll",
 )
 TORCH_INDEX = {
     "CUDA": "https://download.pytorch.org/whl/cu128",
@@ -181,6 +187,13 @@ def probe(python: Path | None, timeout: float = 120.0) -> EnvironmentReport:
         return report
     report.ok = True
     return report
+
+
+def default_torch_build(driver_files: tuple[Path, ...] = NVIDIA_DRIVER_FILES, which=shutil.which) -> str:
+    """The build Set Up offers first: CUDA where an NVIDIA driver is installed, else the CPU build
+    (a CUDA build without a driver is gigabytes of download that can only run on the CPU)."""
+    found = any(path.exists() for path in driver_files) or which("nvidia-smi") is not None
+    return "CUDA" if found else "CPU"
 
 
 def torch_requirement(requirements: Path = REQUIREMENTS) -> str:

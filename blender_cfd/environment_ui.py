@@ -25,31 +25,28 @@ class EnvironmentState:
     setup: environment.CommandRunner | None = None
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def icon(self) -> str:
-        if self.report is not None and not self.report.ok:
-            return "ERROR"
-        if self.setup is not None and self.setup.returncode not in (None, 0):
-            return "ERROR"
-        return "INFO"
-
-    def lines(self) -> list[str]:
+    def rows(self) -> list[tuple[str, str]]:
+        """(text, icon) lines: a check mark when the environment works, ERROR on what failed, the
+        details beside them without an icon of their own."""
         if self.checking is not None and self.checking.is_alive():
-            return ["Checking the server environment…"]
-        lines = list(self.notes)
+            return [("Checking the server environment…", "SORTTIME")]
+        rows = [(note, "ERROR") for note in self.notes]
         if self.setup is not None:
             if self.setup.returncode is None:
-                lines.append("Setting up (this downloads a few GB)…")
+                rows.append(("Setting up (this downloads a few GB)…", "SORTTIME"))
             elif self.setup.returncode != 0:
-                lines.append(f"Set up failed (log: {self.setup.log_path})")
-            lines += self.setup.last_lines()[-3:] if self.setup.returncode != 0 else []
-        if self.report is not None:
-            lines += [line for line in self.report.lines() if line]
+                rows.append((f"Set up failed (log: {self.setup.log_path})", "ERROR"))
+                rows += [(line, "BLANK1") for line in self.setup.last_lines()[-3:]]
+        if self.report is not None and self.report.ok:
+            rows.append(("The server environment works", "CHECKMARK"))
+            rows += [(line, "BLANK1") for line in self.report.lines()]
+        elif self.report is not None:
+            rows += [(self.report.problem, "ERROR"), (self.report.fix, "INFO")]
         server = session.get().server_info
         if server:
             device = environment.device_label(server.get("device", ""), server.get("device_name", ""))
-            lines.append(f"Server running: torch {server.get('torch')} on {device}")
-        return lines
+            rows.append((f"Server running: torch {server.get('torch')} on {device}", "INFO"))
+        return rows
 
 
 _environment = EnvironmentState()

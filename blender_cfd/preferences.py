@@ -36,7 +36,9 @@ class CFDPreferences(bpy.types.AddonPreferences):
         description="Interpreter with torch that runs the server (empty: the environment Set Up creates)",
         subtype="FILE_PATH",
     )
-    torch_build: EnumProperty(name="PyTorch Build", items=BUILD_ITEMS, default="CUDA")
+    torch_build: EnumProperty(
+        name="PyTorch Build", items=BUILD_ITEMS, default=environment.default_torch_build()
+    )
     prior: EnumProperty(name="Prior", items=jobs.PRIOR_ITEMS, default="SHAPES")
     custom_prior: StringProperty(
         name="Model",
@@ -76,9 +78,8 @@ class CFDPreferences(bpy.types.AddonPreferences):
         row.operator("cfd.check_environment", icon="CHECKMARK")
         row.prop(self, "torch_build", text="")
         row.operator("cfd.setup_environment", icon="IMPORT")
-        state = environment_ui.environment_state()
-        for line in state.lines():
-            box.label(text=line, icon=state.icon)
+        for text, icon in environment_ui.environment_state().rows():
+            box.label(text=text, icon=icon)
         if not bpy.app.online_access:
             box.label(text="Set up needs Allow Online Access (Preferences › System › Network)", icon="INFO")
 

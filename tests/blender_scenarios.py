@@ -421,8 +421,12 @@ def environment(zip_path: str, out: Path) -> dict:
     assert report.ok, report
     assert report.python_version == ".".join(map(str, sys.version_info[:3]))
     assert report.torch.startswith("2.") and report.device == "cpu", report
-    good = environment_ui.environment_state().lines()
-    assert "device: CPU" in good, good
+    rows = environment_ui.environment_state().rows()
+    assert rows[0] == ("The server environment works", "CHECKMARK"), rows
+    assert ("device: CPU", "BLANK1") in rows, "details are not marked as the state itself"
+    good = [text for text, _ in rows]
+    environment = sys.modules[f"{MODULE}.blender_cfd.environment"]
+    assert prefs.torch_build == environment.default_torch_build(), "Set Up offers the build this machine runs"
     drawn = draw_preferences(prefs)
     assert shown(drawn, "operator", idname="cfd.check_environment")
     assert shown(drawn, "operator", idname="cfd.setup_environment")
@@ -445,10 +449,12 @@ def environment(zip_path: str, out: Path) -> dict:
     assert "not found" in reported_error(bpy.ops.cfd.check_environment)
     report = environment_ui.environment_state().report
     assert not report.ok and "not found" in report.problem and "Set up Environment" in report.fix, report
+    rows = environment_ui.environment_state().rows()
+    assert rows[0][1] == "ERROR" and "CHECKMARK" not in {icon for _, icon in rows}, rows
 
     assert not bpy.app.online_access
     assert "online access" in reported_error(bpy.ops.cfd.setup_environment)
-    assert "Online Access" in environment_ui.environment_state().lines()[0]
+    assert "Online Access" in environment_ui.environment_state().rows()[0][0]
     assert not Path(bpy.utils.extension_path_user(MODULE, path="venv")).exists(), "nothing may be installed"
     return {"check_lines": good, "preferences": labels(drawn)}
 

@@ -307,6 +307,17 @@ def test_devices_are_named_as_people_call_them():
     assert device_label("cuda", "NVIDIA GeForce RTX 4090") == "NVIDIA GeForce RTX 4090"
 
 
+def test_set_up_offers_the_cuda_build_only_where_an_nvidia_driver_is(tmp_path):
+    from blender_cfd_ext.blender_cfd.environment import default_torch_build
+
+    driver = tmp_path / "nvidia" / "version"
+    assert default_torch_build((driver,), which=lambda name: None) == "CPU"
+    assert default_torch_build((driver,), which={"nvidia-smi": "/usr/bin/nvidia-smi"}.get) == "CUDA"
+    driver.parent.mkdir()
+    driver.write_text("NVRM version: 570.86")
+    assert default_torch_build((driver,), which=lambda name: None) == "CUDA"
+
+
 def test_probe_reports_a_missing_interpreter_and_missing_packages(tmp_path):
     import venv
 
