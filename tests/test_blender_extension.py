@@ -31,12 +31,12 @@ def bpy_scripts() -> Path:
     return next(package.glob("*/scripts/addons_core/bl_pkg/cli/blender_ext.py")).parents[3]
 
 
-def blender_ext(*args: str) -> subprocess.CompletedProcess:
+def blender_ext(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     scripts = bpy_scripts()
     tool = scripts / "addons_core" / "bl_pkg" / "cli" / "blender_ext.py"
     tags = scripts / "modules" / "_bpy_internal" / "extensions" / "tags.py"
     command = [sys.executable, str(tool), args[0], *args[1:], "--valid-tags", str(tags)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,21 @@ def test_manifest_validates_and_the_zip_carries_only_the_extension(extension_zip
     assert not [
         n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/." in n or n.startswith(".")
     ]
+
+
+@needs_bpy
+def test_the_readme_build_command_works_in_a_fresh_clone(tmp_path):
+    """`blender --command extension build ...` as README.md writes it, in a clone with nothing built yet."""
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines() if "extension build" in line)
+    command = line[line.index("`") + 1 : line.rindex("`")].split()
+    assert command[:4] == ["blender", "--command", "extension", "build"], command
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, timeout=60)
+    result = blender_ext(*command[3:], cwd=clone)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(list(clone.glob("**/blender_cfd-*.zip"))) == 1
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True)
+    assert status.stdout == "", "the built zip must not show up as a change to commit"
 
 
 def test_nothing_blender_side_imports_torch():
