@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bpy
 import numpy as np
-from bpy.props import BoolProperty
+from bpy.props import BoolProperty, StringProperty
 
 from . import jobs, scene_objects, session
 from .addon import preferences
@@ -314,6 +314,24 @@ class CFD_OT_add_camera_rig(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class CFD_OT_select_variant(bpy.types.Operator):
+    """Select this variant: Re-roll and Regenerate start from the selected one"""
+
+    bl_idname = "cfd.select_variant"
+    bl_label = "Select Variant"
+    bl_options = {"REGISTER", "UNDO"}  # noqa: RUF012
+
+    name: StringProperty(name="Variant", options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        obj = context.scene.objects.get(self.name)
+        if obj is None:
+            self.report({"ERROR"}, f"No variant named {self.name} in this scene")
+            return {"CANCELLED"}
+        scene_objects.select_only(context, obj)
+        return {"FINISHED"}
+
+
 class CFD_OT_open_output_folder(bpy.types.Operator):
     """Open the folder finished assets are written to"""
 
@@ -334,6 +352,7 @@ CLASSES = (
     CFD_OT_stop_server,
     CFD_OT_randomize_seed,
     CFD_OT_add_camera_rig,
+    CFD_OT_select_variant,
     CFD_OT_open_output_folder,
 )
 

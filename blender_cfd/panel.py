@@ -7,11 +7,17 @@ it with a recording layout to see what each state shows.
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import bpy
+import bpy.utils.previews
 
 from . import environment, jobs, scene_objects, session
 from .addon import preferences
+
+PREVIEW_FILE = "preview.png"  # the picture each job writes beside its asset (server/pipeline/asset.py)
+THUMBNAIL_SCALE = 3.0  # in units of the sidebar's line height
+_thumbnails: bpy.utils.previews.ImagePreviewCollection | None = None  # keyed by file path
 
 
 def _line_width(context: bpy.types.Context) -> int:
@@ -142,16 +148,36 @@ class CFD_PT_variants(bpy.types.Panel):
                 text = "Solid shading shows its mean colour; Material Preview shows the texture"
                 _wrapped(col, text, _line_width(context), icon="SHADING_TEXTURE")
         collection = bpy.data.collections.get(scene_objects.VARIANTS_COLLECTION)
-        count = sum(1 for o in collection.objects if "cfd_job" in o) if collection is not None else 0
+        variants = [o for o in collection.objects if "cfd_job" in o] if collection is not None else []
+        for variant in variants:  # each with its preview, so variants compare without the viewport
+            row = layout.row()
+            preview = thumbnail(variant)
+            if preview is not None:
+                row.template_icon(icon_value=preview.icon_id, scale=THUMBNAIL_SCALE)
+            row.operator("cfd.select_variant", text=variant.name, depress=variant == obj).name = variant.name
         row = layout.row()
-        row.label(text=f"{count} variant{'s' if count != 1 else ''}")
+        row.label(text=f"{len(variants)} variant{'s' if len(variants) != 1 else ''}")
         row.operator("cfd.open_output_folder", text="", icon="FILE_FOLDER")
+
+
+def thumbnail(variant: bpy.types.Object) -> bpy.types.ImagePreview | None:
+    """The preview image the job wrote beside the asset, loaded once; None if there is none (the
+    folder moved, or a remote server wrote it)."""
+    path = Path(variant.get("cfd_output", "")) / PREVIEW_FILE
+    key = str(path)
+    if key not in _thumbnails:
+        if not path.is_file():
+            return None
+        _thumbnails.load(key, key, "IMAGE")
+    return _thumbnails[key]
 
 
 CLASSES = (CFD_PT_generate, CFD_PT_variants)
 
 
 def register() -> None:
+    global _thumbnails
+    _thumbnails = bpy.utils.previews.new()
     for cls in CLASSES:
         bpy.utils.register_class(cls)
 
@@ -159,3 +185,4 @@ def register() -> None:
 def unregister() -> None:
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)
+    bpy.utils.previews.remove(_thumbnails)

@@ -122,12 +122,14 @@ def run_job(
     exported = bake_and_export(vertices, faces, blob.color, out_dir, texture_size=128, write_obj=False)
     texture_png = _png(exported["glb"])
     emit.texture(steps, texture_png, 128, 128, final=True)
+    preview_png = out_dir / "preview.png"  # the real job renders the asset; its texture will do here
+    preview_png.write_bytes(texture_png)
     job_json = out_dir / "job.json"
     job_json.write_text(json.dumps({"job": spec.to_json_dict(), "seed": spec.seed}, indent=2))
     seconds = time.monotonic() - started
     return {
         "glb": str(exported["glb"]),
-        "preview_png": None,
+        "preview_png": str(preview_png),
         "job_json": str(job_json),
         "out_dir": str(out_dir),
         "seconds": seconds,

@@ -62,6 +62,9 @@ class RecordingLayout:
         self.log.append(("operator", {"idname": idname, **details}))
         return SimpleNamespace()
 
+    def template_icon(self, **details):
+        self.log.append(("template_icon", details))
+
     def label(self, **details):
         self.log.append(("label", details))
 
@@ -270,6 +273,18 @@ def variants(zip_path: str, out: Path) -> dict:
     assert third.name.startswith("a wooden toy (seed 7)") and third.name != first.name
     assert np.array_equal(vertices_of(third), v1), "same seed and settings must give the same mesh"
     assert not overlapping(third), "the regenerated variant takes a free spot"
+
+    listed = draw_panels()
+    buttons = shown(listed, "operator", idname="cfd.select_variant")
+    assert [b["text"] for b in buttons] == [first.name, second.name, third.name], buttons
+    assert len(shown(listed, "template_icon")) == 3, "each variant shows its preview"
+    thumbnail = sys.modules[f"{MODULE}.blender_cfd.panel"].thumbnail  # icon ids need a window: check images
+    assert all(tuple(thumbnail(v).image_size) == (128, 128) for v in (first, second, third))
+    previews = {thumbnail(v).as_pointer() for v in (first, second, third)}
+    assert len(previews) == 3, "each its own job's preview.png"
+    assert bpy.ops.cfd.select_variant(name=second.name) == {"FINISHED"}
+    assert bpy.context.view_layer.objects.active == second and second.select_get() and not third.select_get()
+    assert shown(draw_panels(), "operator", idname="cfd.select_variant", text=second.name)[0]["depress"]
 
     render = out / "variants.png"
     render_variants([first, second, third], render)
