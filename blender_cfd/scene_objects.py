@@ -21,7 +21,7 @@ from .glb import GlbMesh
 VARIANTS_COLLECTION = "CFD Variants"
 # Object types with a surface that could hide a new result (cameras, lights and empties cannot).
 GEOMETRY_TYPES = frozenset({"MESH", "CURVE", "SURFACE", "META", "FONT", "VOLUME", "POINTCLOUD", "CURVES"})
-FRAME_DISTANCE = 3.5  # view distance per unit of a framed result's half size
+FRAME_DISTANCE = 6.0  # view distance per unit of a framed result's half size: it and its neighbours in sight
 PREVIEW_COLOR_ATTRIBUTE = "cfd_preview_color"
 NAME_LIMIT = 63  # bytes in a Blender ID name
 
