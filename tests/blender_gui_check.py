@@ -6,7 +6,11 @@ Builds the extension zip, starts the server outside Blender on loopback TCP (wit
 runner), and runs /work/shared/tools/blender_gui.sh: Debian's Blender 4.3 in a chroot under Xvfb,
 driven by tests/blender_gui_driver.py. The chroot and this machine share one folder at the same
 path (a bind mount on /tmp/cfdgui), so the asset paths the server reports resolve in Blender too.
-Needs root (chroot, mount); the first run builds the chroot (about 4 minutes).
+Needs root (chroot, mount); the first run builds the chroot (about 4 minutes). The shots, in the
+factory startup scene: idle, empty prompt, running, first result, variants, server killed.
+
+The fake runner, not the shapes prior: blender_gui.sh gives the driver 60 seconds, and a Draft job
+on the real prior takes minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def main(out: Path) -> int:
     server, address = start_server(token)
     try:
         config = {"address": address, "token": token, "assets": str(SHARED / "assets"),
-                  "shots": str(SHARED / "shots"), "tab": CFD_TAB}  # fmt: skip
+                  "shots": str(SHARED / "shots"), "tab": CFD_TAB, "server_pid": server.pid}  # fmt: skip
         (SHARED / "config.json").write_text(json.dumps(config))
         extension = build_zip(out)
         subprocess.run(

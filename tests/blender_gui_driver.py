@@ -1,6 +1,7 @@
 """Runs inside a real Blender window (4.2+, e.g. via /work/shared/tools/blender_gui.sh): drives the CFD
 panel the way a user would and screenshots each state. Optional end-to-end check, started by
-tests/blender_gui_check.py, which also runs the server on loopback TCP and writes the config read here.
+tests/blender_gui_check.py, which also runs the server on loopback TCP and writes the config read here
+(its pid too: the last step kills it, as a crash would).
 
 Here timers and the event loop run, so the extension's own timer pumps the stream (nothing here
 calls `pump()`). Steps are a generator: each `yield` is seconds to wait, or a condition to wait for.
@@ -9,6 +10,8 @@ calls `pump()`). Steps are a generator: each `yield` is seconds to wait, or a co
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -58,6 +61,7 @@ def run_operator(name: str, **options) -> set:
 
 
 def steps():
+    """A newcomer's session in the factory startup scene (its cube at the 3D cursor, Solid shading)."""
     addon_utils.enable(MODULE, default_set=True)
     prefs = bpy.context.preferences.addons[MODULE].preferences
     prefs.remote_address = CONFIG["address"]
@@ -65,39 +69,36 @@ def steps():
     prefs.output_dir = CONFIG["assets"]
     xdotool("key", "Escape")  # the splash
     window, area = view3d()
-    space = area.spaces.active
-    space.show_region_ui = True
-    space.shading.color_type = "VERTEX"  # solid mode shows the streamed vertex colours
-    space.region_3d.view_distance = 7.0
-    space.region_3d.view_location = (-1.0, 0.0, 0.0)
-    scene = bpy.context.scene
-    scene.cursor.location = (-2.5, 0.0, 0.0)
+    area.spaces.active.show_region_ui = True
     yield 1.0
     ui = next(r for r in area.regions if r.type == "UI")
     log(f"window {window.width}x{window.height}, sidebar x={ui.x} y={ui.y} {ui.width}x{ui.height}")
     x, y = CONFIG["tab"]  # screen pixels of the CFD tab (origin top-left), with the Item tab present
     xdotool("mousemove", str(x), str(y), "click", "1")
-    yield 1.0
-    bpy.data.objects.remove(bpy.data.objects["Cube"])
-    run_operator("add_camera_rig")
     yield 1.5
-    shot("1_idle")
+    shot("1_idle")  # the default prompt and what the Shapes prior knows
 
-    settings = scene.cfd
+    settings = bpy.context.scene.cfd
+    settings.prompt = ""
+    area.tag_redraw()  # a property set from a script does not redraw the sidebar by itself
+    yield 0.5
+    shot("2_empty_prompt")  # Generate greyed out, and why
+
     settings.prompt, settings.seed, settings.quality = "a wooden toy [slow]", 7, "DRAFT"
     run_operator("generate")
     yield lambda: session().job is not None and session().job.preview_step >= 3
     yield 0.3
-    shot("2_running")
+    shot("3_running")  # beside the cube, framed, the device by name
     yield lambda: not session().busy
-    space.shading.color_type = "TEXTURE"
     yield 0.5
-    shot("3_done")
+    first = bpy.data.objects.get(session().last_variant)
+    log(f"first result at {tuple(first.location)}, solid colour {tuple(first.active_material.diffuse_color)}")
+    shot("4_first_result")  # in its colour in Solid shading
 
     run_operator("reroll")
     yield lambda: not session().busy
     yield 0.5
-    shot("4_rerolled")
+    shot("5_variants")  # the variant list with thumbnails
     variants = sorted(o.name for o in bpy.data.objects if "cfd_job" in o)
     window, area = view3d()
     with bpy.context.temp_override(window=window, area=area):
@@ -110,11 +111,13 @@ def steps():
     yield 0.5
 
     settings = bpy.context.scene.cfd  # undo and redo reallocated the scene: fetch it again
-    settings.prompt = "a heavy statue [oom]"
+    settings.prompt = "a doomed vase [slow]"
     run_operator("generate")
+    yield lambda: session().job is not None and session().job.preview_step >= 1
+    os.kill(CONFIG["server_pid"], signal.SIGKILL)
     yield lambda: not session().busy
     yield 0.5
-    shot("5_error")
+    shot("6_server_stopped")  # the error box, its buttons readable
     log(f"objects: {sorted(o.name for o in bpy.data.objects)}")
     Path("/shot.request").write_text("done")
 
