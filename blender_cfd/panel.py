@@ -11,6 +11,7 @@ from pathlib import Path
 
 import bpy
 import bpy.utils.previews
+import numpy as np
 
 from . import environment, jobs, scene_objects, session
 from .addon import preferences
@@ -168,8 +169,24 @@ def thumbnail(variant: bpy.types.Object) -> bpy.types.ImagePreview | None:
     if key not in _thumbnails:
         if not path.is_file():
             return None
-        _thumbnails.load(key, key, "IMAGE")
+        first_view(_thumbnails.new(key), path)
     return _thumbnails[key]
+
+
+def first_view(preview: bpy.types.ImagePreview, path: Path) -> None:
+    """The preview PNG is a strip of square views side by side: an icon of the whole strip is a thin
+    line, so the thumbnail is its first (leftmost) view."""
+    image = bpy.data.images.load(str(path), check_existing=False)
+    try:
+        width, height = image.size
+        pixels = np.empty(width * height * 4, dtype=np.float32)
+        image.pixels.foreach_get(pixels)
+    finally:
+        bpy.data.images.remove(image)
+    side = min(width, height)
+    square = pixels.reshape(height, width, 4)[:side, :side]
+    preview.image_size = (side, side)
+    preview.image_pixels_float.foreach_set(np.ascontiguousarray(square).ravel())
 
 
 CLASSES = (CFD_PT_generate, CFD_PT_variants)

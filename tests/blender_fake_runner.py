@@ -122,8 +122,12 @@ def run_job(
     exported = bake_and_export(vertices, faces, blob.color, out_dir, texture_size=128, write_obj=False)
     texture_png = _png(exported["glb"])
     emit.texture(steps, texture_png, 128, 128, final=True)
-    preview_png = out_dir / "preview.png"  # the real job renders the asset; its texture will do here
-    preview_png.write_bytes(texture_png)
+    # The real job renders a strip of views side by side; the texture beside a white view will do here.
+    preview_png = out_dir / "preview.png"
+    texture = Image.open(io.BytesIO(texture_png)).convert("RGB")
+    strip = Image.new("RGB", (texture.width * 2, texture.height), "white")
+    strip.paste(texture, (0, 0))
+    strip.save(preview_png)
     job_json = out_dir / "job.json"
     job_json.write_text(json.dumps({"job": spec.to_json_dict(), "seed": spec.seed}, indent=2))
     seconds = time.monotonic() - started

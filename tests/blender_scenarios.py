@@ -279,6 +279,7 @@ def variants(zip_path: str, out: Path) -> dict:
     assert [b["text"] for b in buttons] == [first.name, second.name, third.name], buttons
     assert len(shown(listed, "template_icon")) == 3, "each variant shows its preview"
     thumbnail = sys.modules[f"{MODULE}.blender_cfd.panel"].thumbnail  # icon ids need a window: check images
+    # preview.png is a strip of two 128-px views: the thumbnail is the first, not the strip squeezed
     assert all(tuple(thumbnail(v).image_size) == (128, 128) for v in (first, second, third))
     previews = {thumbnail(v).as_pointer() for v in (first, second, third)}
     assert len(previews) == 3, "each its own job's preview.png"
