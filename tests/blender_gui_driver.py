@@ -84,9 +84,9 @@ def steps():
     yield 0.5
     shot("2_empty_prompt")  # Generate greyed out, and why
 
-    settings.prompt, settings.seed, settings.quality = "a wooden toy [slow]", 7, "DRAFT"
+    settings.prompt, settings.seed, settings.quality = "a red cube", 7, "DRAFT"
     run_operator("generate")
-    yield lambda: session().job is not None and session().job.preview_step >= 3
+    yield lambda: session().job is not None and session().job.preview_step >= 40
     yield 0.3
     shot("3_running")  # beside the cube, framed, the device by name
     yield lambda: not session().busy
@@ -111,7 +111,7 @@ def steps():
     yield 0.5
 
     settings = bpy.context.scene.cfd  # undo and redo reallocated the scene: fetch it again
-    settings.prompt = "a doomed vase [slow]"
+    settings.prompt = "a blue torus"
     run_operator("generate")
     yield lambda: session().job is not None and session().job.preview_step >= 1
     os.kill(CONFIG["server_pid"], signal.SIGKILL)
