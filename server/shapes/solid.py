@@ -2,8 +2,9 @@
 
 Both the mesh and every true primitive are centred on their bounding boxes and scaled so that their
 largest extent is the same; the verdict is the primitive with the highest volumetric IoU on a lattice
-(the cube also turned about its axis, since a generated cube may face any way). Size and position
-are the optimiser's free choice; proportions are not: a flat disc is not a cube.
+(the cube also turned about its axis, since a generated cube may face any way: every 9 degrees, and
+the turn that gives the mesh its smallest footprint, which squares a box up to within a degree).
+Size and position are the optimiser's free choice; proportions are not: a flat disc is not a cube.
 """
 
 from __future__ import annotations
@@ -54,12 +55,26 @@ def true_scale(shape: str) -> float:
     return 2 * max(radial, axial) / EXTENT
 
 
-def turns(shape: str) -> list[np.ndarray]:
-    """Rotations about the up axis the primitive is compared at."""
-    angles = np.radians(CUBE_TURNS_DEG if shape == "cube" else (0.0,))
+def turns(shape: str, vertices: np.ndarray) -> list[np.ndarray]:
+    """Rotations about the up axis the mesh is compared with the primitive at."""
+    angles = [0.0]
+    if shape == "cube":
+        angles = [*np.radians(CUBE_TURNS_DEG), smallest_footprint_turn(vertices)]
     return [
         np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]]) for a in angles
     ]
+
+
+def smallest_footprint_turn(vertices: np.ndarray) -> float:
+    """The turn (radians, in [0, 90) degrees) whose frame gives the mesh's x-y bounding box the least
+    area: a box's sides lie along that frame's axes (a 9-degree step alone misses by up to 4.5 degrees,
+    which costs a true cube a seventh of its IoU)."""
+    angles = np.radians(np.arange(0.0, 90.0, 0.5))
+    xy = np.asarray(vertices, dtype=np.float64)[:, :2]
+    rotated_x = xy[:, :1] * np.cos(angles) + xy[:, 1:] * np.sin(angles)  # [N, A]: x after each turn
+    rotated_y = -xy[:, :1] * np.sin(angles) + xy[:, 1:] * np.cos(angles)
+    areas = np.ptp(rotated_x, axis=0) * np.ptp(rotated_y, axis=0)
+    return float(angles[int(areas.argmin())])
 
 
 def solid_ious(vertices: np.ndarray, faces: np.ndarray, n: int = LATTICE) -> dict[str, float]:
@@ -72,7 +87,7 @@ def solid_ious(vertices: np.ndarray, faces: np.ndarray, n: int = LATTICE) -> dic
     for shape in SHAPES:
         true_inside = inside(shape, points * true_scale(shape))
         best = 0.0
-        for k, turn in enumerate(turns(shape)):
+        for k, turn in enumerate(turns(shape, vertices)):
             if k not in inside_by_turn:
                 inside_by_turn[k] = lattice_inside(normalised(vertices @ turn), faces, n, 1.0)
             mesh_inside = inside_by_turn[k]
@@ -88,9 +103,8 @@ def surface_error(vertices: np.ndarray, shape: str) -> float:
     spikes and rounded edges add to."""
     scale = true_scale(shape)
     vertices = np.asarray(vertices, dtype=np.float64)
-    distance = min(
-        float(np.abs(sdf(shape, normalised(vertices @ turn) * scale)).mean()) for turn in turns(shape)
-    )
+    frames = [normalised(vertices @ turn) * scale for turn in turns(shape, vertices)]
+    distance = float(min(np.abs(sdf(shape, frame)).mean() for frame in frames))
     return distance / (EXTENT * scale)
 
 
