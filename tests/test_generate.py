@@ -279,3 +279,23 @@ def test_the_shape_stage_leaves_the_start_sphere_and_dmtet_starts_from_its_surfa
     with torch.no_grad():
         handed = state.geometry().vertices.numpy()
     assert abs(np.ptp(handed, axis=0) - proportions).max() < 0.1
+
+
+def test_a_vanished_shape_ends_the_job_with_a_clear_error_not_a_crash():
+    """An FSD run on a cone collapsed to nothing in the DMTet stage; the next render found no surface
+    and the texture field crashed on zero points. Now the field takes zero points, and the step says
+    the shape vanished (reported as the protocol's `nan` error, whose fix names another seed)."""
+    from server.job.errors import ShapeVanishedError
+    from server.pipeline.setup import start_job
+    from server.pipeline.step import mesh_step
+    from server.serve import classify_exception
+    from server.wire import protocol
+
+    state = start_job(JobSpec.from_dict({"prompt": "a red cone", **QUICK}), None)
+    assert state.texture(torch.zeros(0, 3)).shape == (0, 3)
+    with torch.no_grad():
+        state.geometry.sdf.fill_(1.0)  # outside everywhere: no surface
+    with pytest.raises(ShapeVanishedError, match="vanished at step 4") as raised:
+        mesh_step(state, 4)
+    code, message, fix = classify_exception(raised.value)
+    assert code == protocol.NAN and "vanished" in message and "seed" in fix

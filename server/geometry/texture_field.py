@@ -72,7 +72,7 @@ class TriplaneEncoding(nn.Module):
             )
             for planes in self.planes
         ]
-        return torch.cat([s.reshape(-1, len(x)) for s in sampled], dim=0).T
+        return torch.cat([s.reshape(s.shape[0] * s.shape[1], len(x)) for s in sampled], dim=0).T
 
 
 class HashGridEncoding(nn.Module):

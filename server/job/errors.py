@@ -36,3 +36,8 @@ class MissingWeightsError(RuntimeError):
 
 class NonFiniteError(RuntimeError):
     """The optimisation produced NaN/inf; the server reports it as the protocol's `nan` error."""
+
+
+class ShapeVanishedError(NonFiniteError):
+    """The surface shrank to nothing, so no view sees it and no gradient can bring it back: as final as a
+    NaN, and reported the same way (the protocol's `nan` error, whose fix names another seed)."""

@@ -11,7 +11,7 @@ from server.distill.update import CFGForm, DistillationStep, distillation_step
 from server.geometry.dmtet import TriangleMesh
 from server.geometry.regularizers import laplacian_smoothness, normal_consistency, sdf_sign_change
 from server.geometry.sdf_volume import VolumeRender
-from server.job.errors import NonFiniteError
+from server.job.errors import NonFiniteError, ShapeVanishedError
 from server.noise.base import NoiseQuery
 from server.pipeline.asset import TARGET_FACES
 from server.pipeline.export import png_bytes, prepare_atlas
@@ -126,6 +126,8 @@ def mesh_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepOut
 
     with timer("marching_tets"):
         mesh = geometry()
+    if len(mesh.faces) == 0:
+        raise ShapeVanishedError(f"the shape vanished at step {step}: nothing is left to render")
     with timer("render"):
         # A multi-view prior's views of one group share one timestep and one surface-attached noise
         # query, which is what its cross-view attention expects.
