@@ -299,3 +299,40 @@ def test_a_vanished_shape_ends_the_job_with_a_clear_error_not_a_crash():
         mesh_step(state, 4)
     code, message, fix = classify_exception(raised.value)
     assert code == protocol.NAN and "vanished" in message and "seed" in fix
+
+
+def test_the_command_line_reports_a_vanished_variant_and_keeps_the_others(
+    tmp_path: Path, monkeypatch, capsys
+):
+    """A seed whose shape vanishes (as FSD's pink cone 103 did) is named with a fix on stderr; the other
+    variants are still written and gridded. The failure is injected; the kept variant is a real job."""
+    import argparse
+
+    from server.job.errors import ShapeVanishedError
+    from server.pipeline import cli
+
+    real_run_job = cli.run_job
+
+    def run_job(spec, *args):
+        if spec.seed == 6:
+            raise ShapeVanishedError("the shape vanished at step 3: nothing is left to render")
+        return real_run_job(spec, *args)
+
+    monkeypatch.setattr(cli, "run_job", run_job)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    quick = ["--steps", "4", "--grid-resolution", "12", "--render-size", "32", "--texture-size", "128"]
+    args = parser.parse_args(
+        ["--prompt", "a red cone", "--seed", "5", "--variants", "2", *quick, "--out", str(tmp_path)]
+    )
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    assert "seed 6: error: the shape vanished at step 3" in err and "another seed" in err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert [json.loads(Path(v["job_json"]).read_text())["seed"] for v in result["variants"]] == [5]
+    assert Path(result["grid_png"]).is_file()
+
+    args = parser.parse_args(
+        ["--prompt", "a red cone", "--seed", "6", *quick, "--out", str(tmp_path / "none")]
+    )
+    assert cli.main(args) == 1

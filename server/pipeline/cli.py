@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from server.distill.update import Method
-from server.job.errors import JobSpecError
+from server.job.errors import JobSpecError, NonFiniteError
 from server.job.events import Events
 from server.job.spec import JobSpec
 from server.pipeline.asset import slug
@@ -114,19 +114,27 @@ def main(args: argparse.Namespace) -> int:
     except JobSpecError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    results = []
+    results, done_seeds = [], []
     for seed, spec in zip(seeds, specs, strict=True):
         bar = ProgressBar(f"seed {seed}", spec.steps)
         try:
             results.append(run_job(spec, None, bar, lambda: False))
+        except NonFiniteError as error:  # this seed diverged or its shape vanished: the next may not
+            print(
+                f"seed {seed}: error: {error}; try another seed, or a lower --guidance-scale", file=sys.stderr
+            )
+            continue
         finally:
             bar.close()
+        done_seeds.append(seed)
         print(f"wrote {results[-1].glb}", file=sys.stderr)
-    if len(results) == 1:
+    if not results:
+        return 1
+    if len(seeds) == 1:
         print(json.dumps(results[0].to_dict()))
         return 0
     grid = Path(args.out) / f"variants_{slug(args.prompt)}_seed{seeds[0]}-{seeds[-1]}.png"
-    variant_grid([r.preview_png for r in results], seeds, grid)
+    variant_grid([r.preview_png for r in results], done_seeds, grid)
     print(
         json.dumps(
             {
