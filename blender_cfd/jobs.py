@@ -30,10 +30,17 @@ class QualityPreset:
     texture_size: int  # baked texture side
 
 
+# The times are the shapes prior's on a 2-core CPU, measured with `python -m server generate` (2026-12-07).
 QUALITY_PRESETS = {
-    "DRAFT": QualityPreset("Draft", "Quick look: 300 steps, 64 px views, 512 px texture", 300, 64, 512),
-    "STANDARD": QualityPreset("Standard", "1000 steps, 128 px views, 1024 px texture", 1000, 128, 1024),
-    "HIGH": QualityPreset("High", "2500 steps, 256 px views, 2048 px texture", 2500, 256, 2048),
+    "DRAFT": QualityPreset(
+        "Draft", "A quick look: 300 steps, 64 px views, 512 px texture; 1 min on 2 CPU cores", 300, 64, 512
+    ),
+    "STANDARD": QualityPreset(
+        "Standard", "1000 steps, 128 px views, 1024 px texture; about 6.5 min on 2 CPU cores", 1000, 128, 1024
+    ),
+    "HIGH": QualityPreset(
+        "High", "2500 steps, 256 px views, 2048 px texture; for a GPU (far longer on a CPU)", 2500, 256, 2048
+    ),
 }
 PRECISIONS = {precision.upper(): precision for precision in JOB_PRECISIONS}  # the menu key: the job value
 SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
