@@ -1,14 +1,18 @@
 """Run the server Blender talks to: protocol v1 frames on stdin/stdout, or on TCP with --listen.
 
 Blender starts this as a child process and speaks to it over pipes (no port to configure or
-collide), which is the default. `--listen HOST:PORT` serves one TCP client at a time instead, on
-the loopback interface unless `--allow-remote`, and requires a token in the client's hello.
-One job runs at a time in a worker thread; the reader loop stays responsive for ping and cancel.
+collide), which is the default. `--listen HOST:PORT` serves TCP clients instead, on the loopback
+interface unless `--allow-remote` (which wants TLS, `--tls-cert/--tls-key`, or `--insecure`), and
+requires a token in the client's hello. Each connection has its own thread: its handshake runs
+under its own deadline and size limits, so a silent or hostile stranger delays nobody and is
+buffered nothing. Jobs of all connections queue for the device in arrival order; one runs at a
+time in a worker thread, and each connection receives only its own jobs' frames.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import hmac
 import importlib
@@ -20,6 +24,7 @@ import platform
 import re
 import secrets
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -34,7 +39,7 @@ from server import __version__
 from server.job.errors import Cancelled, JobSpecError, MissingWeightsError, NonFiniteError
 from server.job.events import JobEvents
 from server.job.spec import JobSpec
-from server.wire import protocol
+from server.wire import protocol, tls
 
 log = logging.getLogger("server.serve")
 
@@ -44,7 +49,12 @@ Describe = Callable[[], dict]
 
 TOKEN_ENV = "BLENDER_CFD_TOKEN"
 CANCEL_WAIT_SECONDS = 10.0  # how long a disconnect or shutdown waits for a cancelled job to return
-HELLO_TIMEOUT_SECONDS = 10.0  # TCP: a connection must authenticate this soon or it is dropped
+HELLO_TIMEOUT_SECONDS = 10.0  # TCP: a connection must finish TLS and authenticate this soon, or it is dropped
+HANDSHAKES_PER_ADDRESS = 16  # TCP: unauthenticated connections one address may hold open at once
+HANDSHAKES_IN_ALL = 256
+BACKOFF_FIRST_SECONDS = 0.25  # TCP: a failed hello is answered this late, doubling per failure ...
+BACKOFF_MAX_SECONDS = 8.0  # ... up to this
+BACKOFF_FORGET_SECONDS = 300.0  # an address's failures are forgotten after this long without one
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # also names the job's output folder
 OOM_FIX = "lower the render size or batch size, use precision fp16, or run on the CPU (device cpu)"
 NAN_FIX = "lower the guidance scale, use precision fp32, or try another seed"
@@ -145,9 +155,10 @@ class _Job:
     job_id: str
     spec: JobSpec
     init_mesh: tuple[np.ndarray, np.ndarray] | None
-    writer: FrameWriter
+    writer: FrameWriter  # the connection that sent it: the only one that sees its frames or may cancel it
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    announced: threading.Event = dataclasses.field(default_factory=threading.Event)  # `accepted` was sent
 
     def should_cancel(self) -> bool:
         return self.cancel.is_set() or self.writer.broken
@@ -174,7 +185,11 @@ def _init_mesh(spec: JobSpec, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray
 
 
 class Server:
-    """Protocol state shared by every connection: the runner, the device description, the one job."""
+    """Protocol state shared by every connection: the runner, the device description, the job queue.
+
+    One job runs at a time (`_job`); jobs of other connections wait in `_queue` in arrival order.
+    A connection has at most one job, running or queued, as over stdin/stdout.
+    """
 
     def __init__(
         self,
@@ -189,14 +204,20 @@ class Server:
         self.token = token
         self._info: dict[str, Any] | None = None
         self._job: _Job | None = None
+        self._queue: collections.deque[_Job] = collections.deque()
         self._lock = threading.Lock()
 
     def serve_connection(
-        self, reader: protocol.FrameReader, writer: FrameWriter, on_greeted: Callable[[], None] | None = None
+        self,
+        reader: protocol.FrameReader,
+        writer: FrameWriter,
+        on_greeted: Callable[[], None] | None = None,
+        on_refused: Callable[[], None] | None = None,
     ) -> str:
         """Handle one client until it leaves. Returns why: "eof", "shutdown", "malformed" or "refused".
 
-        Whatever the reason, a running job is cancelled first: nobody is left to receive its frames.
+        `on_refused` runs before a failed hello is answered (TCP: the back-off). Whatever the
+        reason it leaves, the client's jobs are cancelled first: nobody is left to receive their frames.
         """
         greeted = False
         try:
@@ -214,7 +235,7 @@ class Server:
                     log.info("the client closed the connection")
                     return "eof"
                 if not greeted:
-                    greeted = self._hello(message, writer)
+                    greeted = self._hello(message, writer, on_refused)
                     if greeted and on_greeted is not None:
                         on_greeted()
                     if not greeted and self.token is not None:
@@ -229,36 +250,51 @@ class Server:
                     log.exception("handling %r failed", message.type)
                     writer.send(protocol.error(None, *classify_exception(exc)))
         finally:
-            self.cancel_job(wait_s=CANCEL_WAIT_SECONDS)
+            self.cancel_jobs(writer, wait_s=CANCEL_WAIT_SECONDS)
 
-    def cancel_job(self, wait_s: float) -> None:
+    def cancel_jobs(self, owner: FrameWriter | None, wait_s: float) -> None:
+        """Cancel `owner`'s jobs (every job when None): queued ones are dropped, the running one is
+        stopped and waited for. Finished assets stay on disk."""
         with self._lock:
-            job = self._job
-        if job is None:
+            dropped = [job for job in self._queue if owner is None or job.writer is owner]
+            for job in dropped:
+                self._queue.remove(job)
+            running = self._job if self._job is not None and owner in (None, self._job.writer) else None
+            waiting = list(self._queue)
+        for job in dropped:
+            log.info("job %s cancelled while queued", job.job_id)
+        if dropped:
+            self._tell_positions(waiting)
+        if running is None:
             return
-        job.cancel.set()
-        job.thread.join(wait_s)
-        if job.thread.is_alive():
-            log.warning("job %s did not stop within %.0f s of being cancelled", job.job_id, wait_s)
+        running.cancel.set()
+        running.thread.join(wait_s)
+        if running.thread.is_alive():
+            log.warning("job %s did not stop within %.0f s of being cancelled", running.job_id, wait_s)
 
     def _server_info(self) -> dict[str, Any]:
         """The hello fields. A broken torch install is reported here rather than killing the server,
         so the extension can show it (`environment_error`) and still ping, cancel and shut down."""
-        if self._info is None:
-            base = hello_fields("unavailable", "")
-            try:
-                self._info = {**base, **self.describe()}
-            except Exception as error:
-                log.exception("probing the environment failed")
-                self._info = {**base, "environment_error": f"{type(error).__name__}: {error}"}
-        return self._info
+        with self._lock:  # TCP handshakes run in parallel: probe the environment once
+            if self._info is None:
+                base = hello_fields("unavailable", "")
+                try:
+                    self._info = {**base, **self.describe()}
+                except Exception as error:
+                    log.exception("probing the environment failed")
+                    self._info = {**base, "environment_error": f"{type(error).__name__}: {error}"}
+            return self._info
 
-    def _hello(self, message: protocol.Message, writer: FrameWriter) -> bool:
+    def _hello(
+        self, message: protocol.Message, writer: FrameWriter, on_refused: Callable[[], None] | None = None
+    ) -> bool:
         """Answer the handshake; the token is checked before anything about the server is revealed."""
         if self.token is not None:
             given = message.get("token") if message.type == protocol.HELLO else None
             if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.token.encode()):
                 log.warning("refused a client: wrong or missing token")
+                if on_refused is not None:
+                    on_refused()
                 writer.send(
                     protocol.error(
                         None,
@@ -301,7 +337,7 @@ class Server:
         elif message.type == protocol.GENERATE:
             self._generate(message, writer)
         elif message.type == protocol.CANCEL:
-            self._cancel(message.get("job_id"))
+            self._cancel(message.get("job_id"), writer)
         else:
             writer.send(
                 protocol.error(
@@ -337,35 +373,86 @@ class Server:
             spec = dataclasses.replace(spec, output_dir=str(self.output_root / job_id))
         job = _Job(job_id, spec, init_mesh, writer)
         with self._lock:
-            running = self._job
-            if running is None:
-                self._job = job
-        if running is not None:
+            active = [self._job, *self._queue] if self._job is not None else list(self._queue)
+            own = next((other for other in active if other.writer is writer), None)
+            own_state = "running" if own is not None and own is self._job else "queued"
+            clash = any(other.job_id == job_id for other in active)
+            if own is None and not clash:
+                self._queue.append(job)
+                position = len(active)
+                if self._job is None:
+                    self._start_next()
+        if own is not None:
             writer.send(
                 protocol.error(
                     job_id,
                     protocol.BUSY,
-                    f"job {running.job_id} is still running; the server runs one job at a time",
-                    f"cancel job {running.job_id} or wait until it is done",
+                    f"job {own.job_id} is still {own_state}; a connection runs one job at a time",
+                    f"cancel job {own.job_id} or wait until it is done",
                 )
             )
             return
-        log.info("job %s accepted: %d steps of %s, prior %r", job_id, spec.steps, spec.method, spec.prior)
+        if clash:  # another client's job: the same id would share its output folder
+            writer.send(
+                protocol.error(
+                    job_id,
+                    protocol.BAD_SETTINGS,
+                    f"job_id: {job_id!r} is already used by a job running or queued on this server",
+                    "send a unique job id such as a UUID's hex string",
+                )
+            )
+            return
+        log.info(
+            "job %s accepted: %d steps of %s, prior %r, %d ahead of it",
+            job_id,
+            spec.steps,
+            spec.method,
+            spec.prior,
+            position,
+        )
         writer.send(protocol.accepted(job_id, spec.output_dir))
-        job.thread = threading.Thread(target=self._run, args=(job,), name=f"job-{job_id}", daemon=True)
-        job.thread.start()
+        if position:
+            writer.send(protocol.progress(job_id, 0, spec.steps, "queued", queue_position=position))
+        job.announced.set()
 
-    def _cancel(self, job_id: Any) -> None:
+    def _start_next(self) -> None:
+        """With the lock held and no job running: start the first queued job in its thread."""
+        if self._queue:
+            job = self._job = self._queue.popleft()
+            job.thread = threading.Thread(
+                target=self._run, args=(job,), name=f"job-{job.job_id}", daemon=True
+            )
+            job.thread.start()
+
+    def _tell_positions(self, waiting: list[_Job]) -> None:
+        """The queue moved: tell each waiting job's client how many jobs now run before it."""
+        for position, job in enumerate(waiting, start=1):
+            if job.announced.is_set():  # else `_generate` is about to send its first position
+                job.writer.send(
+                    protocol.progress(job.job_id, 0, job.spec.steps, "queued", queue_position=position)
+                )
+
+    def _cancel(self, job_id: Any, writer: FrameWriter) -> None:
+        """Cancel a job of this connection: a queued one ends at once, a running one at its next step."""
         with self._lock:
-            job = self._job
-        if job is not None and job.job_id == job_id:
+            queued = next((j for j in self._queue if j.job_id == job_id and j.writer is writer), None)
+            if queued is not None:
+                self._queue.remove(queued)
+            running = self._job if self._job is not None and self._job.writer is writer else None
+            waiting = list(self._queue)
+        if queued is not None:
+            log.info("job %s cancelled while queued", job_id)
+            writer.send(protocol.cancelled(job_id, 0))
+            self._tell_positions(waiting)
+        elif running is not None and running.job_id == job_id:
             log.info("cancelling job %s", job_id)
-            job.cancel.set()
-        else:  # it already ended: its done/cancelled/error frame is on its way
-            log.info("cancel for %r ignored: no such job is running", job_id)
+            running.cancel.set()
+        else:  # it already ended (its final frame is on its way), or it is not this client's job
+            log.info("cancel for %r ignored: this connection has no such job", job_id)
 
     def _run(self, job: _Job) -> None:
-        """The worker thread: run the job, turn its outcome into exactly one final frame."""
+        """The worker thread: run the job, turn its outcome into exactly one final frame, start the next."""
+        job.announced.wait()
         events = JobEvents(job.job_id, job.writer.send, job.spec.preview_max_fps)
         started = time.monotonic()
         try:
@@ -384,7 +471,10 @@ class Server:
             final = protocol.error(job.job_id, code, message, fix)
         with self._lock:  # free the slot before the final frame, so the client may start the next job on it
             self._job = None
+            self._start_next()
+            waiting = list(self._queue)
         job.writer.send(final)
+        self._tell_positions(waiting)
 
 
 def _stream_writer(stream: BinaryIO) -> FrameWriter:
@@ -413,45 +503,176 @@ def _is_loopback(host: str) -> bool:
     return all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
 
 
+class _SocketStream:
+    """A socket as `FrameReader` reads it, under an optional overall deadline: the handshake's.
+
+    A timeout per read alone would let a client that sends a byte every few seconds stay forever.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float | None):
+        self.sock = sock
+        self.deadline = deadline
+
+    def readinto(self, buffer: memoryview) -> int:
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no hello within {HELLO_TIMEOUT_SECONDS:g} s")
+            self.sock.settimeout(remaining)
+        return self.sock.recv_into(buffer)
+
+    def lift_deadline(self) -> None:
+        self.deadline = None
+        self.sock.settimeout(None)
+
+
+class Doorkeeper:
+    """Who may knock on a TCP server: unauthenticated connections per address (and in all), and
+    the back-off of failed hellos. Each failed hello from an address is logged and answered later
+    than the one before (doubling up to BACKOFF_MAX_SECONDS), so guessing the token is slow."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: collections.Counter[str] = collections.Counter()
+        self._failures: dict[str, tuple[int, float]] = {}  # address -> (failures, when the last was)
+
+    def admit(self, address: str) -> bool:
+        """Room for one more handshake from `address`; `release` it when the handshake ends."""
+        with self._lock:
+            if self._open[address] >= HANDSHAKES_PER_ADDRESS or self._open.total() >= HANDSHAKES_IN_ALL:
+                return False
+            self._open[address] += 1
+            return True
+
+    def release(self, address: str) -> None:
+        with self._lock:
+            self._open[address] -= 1
+            if self._open[address] <= 0:
+                del self._open[address]
+
+    def failed(self, address: str, why: str) -> float:
+        """Record a failed hello; returns the seconds to wait before answering it."""
+        now = time.monotonic()
+        with self._lock:
+            count, last = self._failures.get(address, (0, now))
+            count = 1 if now - last > BACKOFF_FORGET_SECONDS else count + 1
+            self._failures[address] = (count, now)
+            if len(self._failures) > 4096:  # many addresses: forget the quiet ones
+                for stale in [a for a, (_, t) in self._failures.items() if now - t > BACKOFF_FORGET_SECONDS]:
+                    del self._failures[stale]
+        delay = min(BACKOFF_FIRST_SECONDS * 2 ** (count - 1), BACKOFF_MAX_SECONDS)
+        log.warning("failed hello #%d from %s (%s); answered after %.2f s", count, address, why, delay)
+        return delay
+
+
+def _serve_client(
+    server: Server,
+    connection: socket.socket,
+    peer: str,
+    tls_context: ssl.SSLContext | None,
+    doorkeeper: Doorkeeper,
+    stop: threading.Event,
+) -> None:
+    """One TCP client on its own thread: TLS and hello under one deadline and the pre-hello size
+    limits, then its session. Shutdown from an authenticated client sets `stop`."""
+    deadline = time.monotonic() + HELLO_TIMEOUT_SECONDS
+    greeted = False
+    try:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls_context is not None:
+            connection.settimeout(HELLO_TIMEOUT_SECONDS)
+            try:
+                connection = tls_context.wrap_socket(connection, server_side=True)
+            except OSError as error:  # ssl.SSLError too: a plain-TCP client, a wrong version, a timeout
+                log.warning("TLS handshake with %s failed: %s", peer, error)
+                return
+        stream = _SocketStream(connection, deadline)
+        reader = protocol.FrameReader(
+            stream, protocol.HELLO_MAX_HEADER_BYTES, protocol.HELLO_MAX_PAYLOAD_BYTES
+        )
+
+        def on_greeted() -> None:
+            nonlocal greeted
+            greeted = True
+            doorkeeper.release(peer)
+            stream.lift_deadline()
+            reader.max_header_bytes = protocol.MAX_HEADER_BYTES
+            reader.max_payload_bytes = protocol.MAX_PAYLOAD_BYTES
+
+        why = server.serve_connection(
+            reader,
+            FrameWriter(connection.sendall),
+            on_greeted=on_greeted,
+            on_refused=lambda: time.sleep(doorkeeper.failed(peer, "wrong or missing token")),
+        )
+        if why == "malformed" and not greeted:
+            doorkeeper.failed(peer, "malformed or oversized first frame")
+        log.info("connection from %s ended (%s)", peer, why)
+        if why == "shutdown":
+            stop.set()
+    finally:
+        if not greeted:
+            doorkeeper.release(peer)
+        connection.close()
+
+
 def serve_tcp(
     host: str,
     port: int,
     token: str,
     *,
     allow_remote: bool = False,
+    tls_context: ssl.SSLContext | None = None,
+    insecure: bool = False,
     runner: Runner | None = None,
     describe: Describe | None = None,
     output_root: Path | str = "outputs",
     announce: Callable[[dict], None] | None = None,
 ) -> int:
-    """Serve TCP clients one after another until one sends shutdown; the process exit code.
+    """Serve TCP clients, each on its own thread, until one sends shutdown; the process exit code.
 
     The bound address (port 0 picks a free one) is announced as {"listening": "HOST:PORT"}.
     """
     if not allow_remote and not _is_loopback(host):
         log.error("refusing to listen on %s: not a loopback address (pass --allow-remote to expose it)", host)
         return 2
+    if allow_remote and tls_context is None and not insecure:
+        log.error(
+            "refusing to serve beyond loopback in clear text: the token, prompts and meshes would cross the "
+            "network unencrypted. Give --tls-cert/--tls-key (a self-signed pair: %s), or reach the server "
+            "through an SSH tunnel, or pass --insecure on a network you trust",
+            tls.SELF_SIGNED_COMMAND,
+        )
+        return 2
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     server = Server(runner, describe, output_root, token)
+    doorkeeper = Doorkeeper()
+    stop = threading.Event()
     with socket.create_server((host, port), family=family) as listener:
         bound_host, bound_port = listener.getsockname()[:2]
         shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
         (announce or _announce)({"listening": f"{shown}:{bound_port}"})
-        while True:
-            connection, address = listener.accept()
-            log.info("connection from %s", address[0])
-            with connection:
-                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                connection.settimeout(HELLO_TIMEOUT_SECONDS)
-                with connection.makefile("rb") as stream:
-                    why = server.serve_connection(
-                        protocol.FrameReader(stream),
-                        FrameWriter(connection.sendall),
-                        on_greeted=lambda c=connection: c.settimeout(None),
-                    )
-            log.info("connection from %s ended (%s)", address[0], why)
-            if why == "shutdown":
-                return 0
+        listener.settimeout(0.2)  # look at `stop` this often
+        while not stop.is_set():
+            try:
+                connection, address = listener.accept()
+            except TimeoutError:
+                continue
+            peer = address[0]
+            if not doorkeeper.admit(peer):
+                log.warning("too many unauthenticated connections from %s; closed this one at once", peer)
+                connection.close()
+                continue
+            log.info("connection from %s", peer)
+            connection.settimeout(None)
+            threading.Thread(
+                target=_serve_client,
+                args=(server, connection, peer, tls_context, doorkeeper, stop),
+                name=f"client-{peer}",
+                daemon=True,
+            ).start()
+    server.cancel_jobs(None, wait_s=CANCEL_WAIT_SECONDS)
+    return 0
 
 
 def _announce(fields: dict) -> None:
@@ -491,7 +712,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--listen", type=_parse_listen, metavar="HOST:PORT", help="serve TCP instead of stdin/stdout"
     )
     parser.add_argument("--token", help=f"TCP token clients must send (default ${TOKEN_ENV}, else generated)")
-    parser.add_argument("--allow-remote", action="store_true", help="allow --listen on a non-loopback host")
+    parser.add_argument(
+        "--allow-remote", action="store_true", help="allow --listen on a non-loopback host (wants TLS)"
+    )
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="TCP: serve TLS with this certificate")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="TCP: the certificate's private key")
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow --allow-remote without TLS (a network you trust)"
+    )
     parser.add_argument(
         "--output-root", type=Path, default=Path("outputs"), help="default output: ROOT/JOB_ID"
     )
@@ -523,4 +751,37 @@ def main(args: argparse.Namespace) -> int:
         token = secrets.token_urlsafe(24)
         _announce({"token": token})
     host, port = args.listen
-    return serve_tcp(host, port, token, allow_remote=args.allow_remote, **options)
+    try:
+        tls_context = _tls_context(args.tls_cert, args.tls_key)
+    except ValueError as error:
+        log.error("%s", error)
+        return 2
+    return serve_tcp(
+        host,
+        port,
+        token,
+        allow_remote=args.allow_remote,
+        tls_context=tls_context,
+        insecure=args.insecure,
+        **options,
+    )
+
+
+def _tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The TLS context of --tls-cert/--tls-key, its fingerprint announced; None without them.
+    ValueError says why they cannot be used."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError(f"--tls-cert and --tls-key go together; make a pair with: {tls.SELF_SIGNED_COMMAND}")
+    try:
+        context = tls.server_context(cert, key)
+        fingerprint = tls.certificate_fingerprint(cert)
+    except (OSError, ValueError, ssl.SSLError) as error:
+        raise ValueError(
+            f"cannot use the TLS certificate {cert} with key {key}: {error}; "
+            f"make a self-signed pair with: {tls.SELF_SIGNED_COMMAND}"
+        ) from error
+    log.info("TLS certificate SHA-256 fingerprint %s: enter it in the extension's preferences", fingerprint)
+    _announce({"tls_fingerprint": fingerprint})
+    return context

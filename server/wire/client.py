@@ -9,8 +9,10 @@ blocking helpers (`hello`, `ping`, `wait_for`) are for start-up, scripts and tes
 from __future__ import annotations
 
 import contextlib
+import hmac
 import queue
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -23,15 +25,19 @@ from typing import Any, BinaryIO
 import numpy as np
 
 try:  # inside the server package; the extension's copy sits next to protocol.py instead
-    from server.wire import protocol
+    from server.wire import protocol, tls
 except ImportError:  # pragma: no cover - the extension's layout
-    from . import protocol  # type: ignore[no-redef]
+    from . import protocol, tls  # type: ignore[no-redef]
 
 Message = protocol.Message
 
 
 class ConnectionClosed(RuntimeError):
     """The server went away; `str()` says why (and, for a child process, how it exited)."""
+
+
+class CertificateMismatch(ConnectionClosed):
+    """The TLS server's certificate is not the pinned one: nothing (no token) was sent to it."""
 
 
 class ServerError(RuntimeError):
@@ -264,14 +270,34 @@ class ServerProcess(Connection):
 
 
 class TcpConnection(Connection):
-    """A connection to `python -m server serve --listen HOST:PORT`; `token` goes in the hello."""
+    """A connection to `python -m server serve --listen HOST:PORT`; `token` goes in the hello.
 
-    def __init__(self, host: str, port: int, token: str, timeout: float = 10.0):
+    With `fingerprint` (the SHA-256 the server printed for its certificate) the connection is TLS,
+    and a server whose certificate has another fingerprint is refused (`CertificateMismatch`)
+    before anything is sent. ValueError: the fingerprint is not one.
+    """
+
+    def __init__(self, host: str, port: int, token: str, timeout: float = 10.0, fingerprint: str = ""):
         self.token = token
+        pinned = tls.normalise_fingerprint(fingerprint) if fingerprint.strip() else None
+        self.tls = pinned is not None
         self.socket = socket.create_connection((host, port), timeout=timeout)
+        if pinned is not None:
+            self.socket = _pinned_tls(self.socket, f"{host}:{port}", pinned)
         self.socket.settimeout(None)
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().__init__(self.socket.makefile("rb"), self.socket.sendall, "tcp")
+
+    def hello(self, client: str = "blender-cfd", timeout: float = 120.0) -> Message:
+        try:
+            return super().hello(client, timeout)
+        except ConnectionClosed as closed:
+            if self.tls:
+                raise
+            raise ConnectionClosed(
+                f"{closed}; if the server was started with --tls-cert, enter the certificate fingerprint "
+                "it printed (the extension's preferences, or fingerprint=...)"
+            ) from closed
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -279,3 +305,24 @@ class TcpConnection(Connection):
         self._reader.join(2.0)
         self._stream.close()
         self.socket.close()
+
+
+def _pinned_tls(raw: socket.socket, address: str, pinned: str) -> ssl.SSLSocket:
+    """TLS over `raw`, kept only if the server's certificate has the pinned fingerprint."""
+    try:
+        wrapped = tls.client_context().wrap_socket(raw)
+    except (ssl.SSLError, OSError) as error:
+        raw.close()
+        raise ConnectionClosed(
+            f"no TLS handshake with {address} ({error}); start the server with --tls-cert/--tls-key, "
+            "or clear the fingerprint for a server without TLS (loopback or an SSH tunnel)"
+        ) from error
+    presented = tls.fingerprint(wrapped.getpeercert(binary_form=True))
+    if not hmac.compare_digest(presented, pinned):
+        wrapped.close()
+        raise CertificateMismatch(
+            f"the server at {address} presented a certificate with SHA-256 fingerprint {presented}, not the "
+            f"pinned {pinned}: refused, the token was not sent. If you replaced the server's certificate, "
+            "enter the fingerprint it now prints; otherwise something else answers at that address"
+        )
+    return wrapped

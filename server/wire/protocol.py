@@ -28,6 +28,10 @@ MAGIC = b"BCFD"
 PREFIX = struct.Struct(">4sIQ")  # magic, header length, payload length
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 30
+# Before a TCP server has accepted the hello, a frame may hold a small header and no payload: nothing
+# is buffered for a client that has not shown the token. A larger frame is refused at its prefix.
+HELLO_MAX_HEADER_BYTES = 64 << 10
+HELLO_MAX_PAYLOAD_BYTES = 0
 ALIGNMENT = 8  # arrays start on 8-byte payload offsets so decoded views are aligned
 
 # Canonical little-endian numpy dtype strings allowed on the wire.
@@ -476,21 +480,27 @@ def progress(
     loss: float | None = None,
     eta_s: float | None = None,
     elapsed_s: float | None = None,
+    queue_position: int | None = None,
 ) -> bytes:
-    """Per-step status; `t` is the diffusion timestep, `stage` a short name the UI shows."""
-    return encode_frame(
-        {
-            "type": PROGRESS,
-            "job_id": job_id,
-            "step": int(step),
-            "total": int(total),
-            "stage": stage,
-            "t": _finite_or_none(t),
-            "loss": _finite_or_none(loss),
-            "eta_s": _finite_or_none(eta_s),
-            "elapsed_s": _finite_or_none(elapsed_s),
-        }
-    )
+    """Per-step status; `t` is the diffusion timestep, `stage` a short name the UI shows.
+
+    `queue_position`, only on a job that waits behind others on a shared server (stage "queued"),
+    counts the jobs that run before it, the running one included.
+    """
+    header = {
+        "type": PROGRESS,
+        "job_id": job_id,
+        "step": int(step),
+        "total": int(total),
+        "stage": stage,
+        "t": _finite_or_none(t),
+        "loss": _finite_or_none(loss),
+        "eta_s": _finite_or_none(eta_s),
+        "elapsed_s": _finite_or_none(elapsed_s),
+    }
+    if queue_position is not None:
+        header["queue_position"] = int(queue_position)
+    return encode_frame(header)
 
 
 def preview_mesh(
