@@ -96,7 +96,10 @@ class CFD_PT_generate(bpy.types.Panel):
         if job.busy:
             progress = job.progress
             text = progress.stage or job.phase.value
-            if progress.total:
+            if progress.queue_position:  # a shared server runs other clients' jobs first
+                ahead = progress.queue_position
+                text = f"Queued: {ahead} job{'s' if ahead != 1 else ''} ahead"
+            elif progress.total:
                 text = f"{text} {progress.step}/{progress.total} · ETA {format_seconds(progress.eta_s)}"
             row = layout.row(align=True)
             row.progress(factor=progress.fraction, type="BAR", text=text)

@@ -60,6 +60,14 @@ class CFDPreferences(bpy.types.AddonPreferences):
         name="Remote Server", description="host:port of a server started with --listen (empty: run locally)"
     )
     remote_token: StringProperty(name="Token", description="The remote server's token", subtype="PASSWORD")
+    remote_fingerprint: StringProperty(
+        name="Certificate Fingerprint",
+        description=(
+            "SHA-256 fingerprint the server printed at start (serve --tls-cert): the connection is "
+            "encrypted and a server with another certificate is refused. Empty: plain TCP, for loopback "
+            "or an SSH tunnel"
+        ),
+    )
 
     def server_python(self) -> Path | None:
         return environment.resolve_python(self.python_path, user_folder("venv", create=False))
@@ -97,6 +105,9 @@ class CFDPreferences(bpy.types.AddonPreferences):
         box.label(text="Remote Server (optional)", icon="URL")
         box.prop(self, "remote_address")
         box.prop(self, "remote_token")
+        box.prop(self, "remote_fingerprint")
+        if self.remote_address.strip() and not self.remote_fingerprint.strip():
+            box.label(text="No fingerprint: not encrypted (fine over an SSH tunnel)", icon="INFO")
 
 
 def register() -> None:

@@ -56,6 +56,7 @@ class Progress:
     stage: str = ""
     eta_s: float | None = None
     elapsed_s: float | None = None
+    queue_position: int | None = None  # a shared server: jobs that run before this one
 
     @property
     def fraction(self) -> float:
@@ -152,7 +153,11 @@ class Session:
             if prefs.remote_address.strip():
                 host, _, port = prefs.remote_address.strip().rpartition(":")
                 connection = client.TcpConnection(
-                    host.strip("[]"), int(port), prefs.remote_token, timeout=CONNECT_TIMEOUT_SECONDS
+                    host.strip("[]"),
+                    int(port),
+                    prefs.remote_token,
+                    timeout=CONNECT_TIMEOUT_SECONDS,
+                    fingerprint=prefs.remote_fingerprint,
                 )
             else:
                 python = prefs.server_python()
@@ -173,6 +178,15 @@ class Session:
                     log_path=user_folder("logs") / "server.log",
                 )
             connection.send(protocol.client_hello("blender-cfd", connection.token))
+        except client.CertificateMismatch as error:
+            self.error = JobError(
+                "certificate_mismatch",
+                "The remote server's certificate does not match the fingerprint in the preferences",
+                "If its certificate was replaced, enter the fingerprint the server prints now; "
+                "otherwise another machine answers at that address",
+                detail=str(error),
+            )
+            return None
         except (OSError, ValueError, client.ConnectionClosed) as error:
             self.error = JobError(
                 "no_environment",
@@ -251,6 +265,7 @@ class Session:
                     message.get("stage", ""),
                     message.get("eta_s"),
                     message.get("elapsed_s"),
+                    message.get("queue_position"),
                 )
             elif kind == protocol.PREVIEW_MESH:
                 latest_mesh = message
@@ -395,8 +410,11 @@ class Session:
             if errors:  # e.g. "ModuleNotFoundError: No module named 'torch'"
                 details.append(errors[-1])
         had_job = self.job is not None and self.job.cancel_sent_at is None
+        greeted = self.server_info is not None
         self._drop_connection()
-        if had_job:
+        if had_job and isinstance(connection, client.TcpConnection):
+            self._fail(_remote_gone(connection, greeted, "; ".join(details)))
+        elif had_job:
             self._fail(
                 job_error(
                     "server_exited",
@@ -430,6 +448,21 @@ def job_error(code: str, message: str, fix: str = "", detail: str = "") -> JobEr
             detail,
         )
     return JobError(code, message, fix[:1].upper() + fix[1:], detail)
+
+
+def _remote_gone(connection: client.TcpConnection, greeted: bool, detail: str) -> JobError:
+    """A remote server's connection ended: before its hello that is most often TLS or the address."""
+    if greeted:
+        return JobError(
+            "remote_closed",
+            "The connection to the remote server broke",
+            "Generate connects again; if it fails, check that the server still runs",
+            detail,
+        )
+    fix = "Check the address and token in the extension's preferences"
+    if not connection.tls:
+        fix += "; a server started with --tls-cert also needs the certificate fingerprint it printed"
+    return JobError("remote_closed", "The remote server closed the connection without answering", fix, detail)
 
 
 def exit_status(code: int) -> str:

@@ -455,6 +455,7 @@ def environment(zip_path: str, out: Path) -> dict:
         "output_dir",
         "remote_address",
         "remote_token",
+        "remote_fingerprint",
     } <= {d["name"] for d in shown(drawn, "prop")}
     assert "custom_prior" not in {d["name"] for d in shown(drawn, "prop")}
     prefs.prior = "CUSTOM"
@@ -547,6 +548,71 @@ def remote(zip_path: str, out: Path) -> dict:
     return {"address": address}
 
 
+def remote_tls(zip_path: str, out: Path) -> dict:
+    """A server beyond loopback over TLS, shared with a script: the pinned fingerprint reaches it,
+    another is refused, the artist's job queues behind the script's and the panel says so."""
+    _, prefs = install(zip_path, out)
+    ctl = sys.modules[f"{MODULE}.blender_cfd.session"].get()
+    wire = sys.modules[f"{MODULE}.server.wire.client"]
+    cert, key = out / "server.crt", out / "server.key"
+    openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-sha256", "-days", "2", "-nodes"]
+    openssl += ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=blender-cfd"]
+    subprocess.run(openssl, check=True, capture_output=True)  # the README's command, smaller and shorter
+    command = [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--allow-remote"]
+    command += ["--tls-cert", str(cert), "--tls-key", str(key), "--token", "s3cret"]
+    command += [*SERVER_ARGS.split(), "--output-root", str(out / "remote_assets")]
+    server = subprocess.Popen(
+        command, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        announced: dict = {}
+        for line in server.stderr:
+            if line.startswith("{"):
+                announced.update(json.loads(line))
+            if "listening" in announced:
+                break
+        threading.Thread(target=server.stderr.read, daemon=True).start()  # keep its log from blocking it
+        address, fingerprint = announced["listening"], announced["tls_fingerprint"]
+        prefs.remote_address, prefs.remote_token = address, "s3cret"
+        set_panel("a pinned teapot", 3)
+
+        prefs.remote_fingerprint = "00" + fingerprint[2:]
+        assert "certificate" in reported_error(bpy.ops.cfd.generate, wait=True)
+        assert ctl.error.code == "certificate_mismatch" and fingerprint in ctl.error.detail, ctl.error
+        assert ctl.connection is None and "CFD preview" not in " ".join(bpy.data.objects.keys())
+
+        prefs.remote_fingerprint = ""  # plain TCP to a TLS server
+        assert bpy.ops.cfd.generate() == {"FINISHED"}
+        pump_until(ctl, lambda: ctl.error is not None, what="the refusal of plain TCP")
+        assert ctl.error.code == "remote_closed" and "fingerprint" in ctl.error.fix, ctl.error
+
+        prefs.remote_fingerprint = fingerprint.replace(":", " ").lower()  # pasted any which way
+        host, port = address.rsplit(":", 1)
+        script = wire.TcpConnection(host, int(port), "s3cret", fingerprint=fingerprint)
+        script.hello(timeout=30)
+        script.generate("script-job", {"prompt": "a script's mug [slow]", "seed": 1, "steps": 6})
+        script.wait_for("progress", 30)
+        assert bpy.ops.cfd.generate() == {"FINISHED"}
+        pump_until(ctl, lambda: ctl.progress.queue_position == 1, what="the queue position")
+        bar = shown(draw_panels(), "progress")[0]
+        script.cancel("script-job")
+        script_frames = [script.wait_for({"cancelled", "done", "error"}, 30)]
+        script_frames += script.poll()
+        assert ctl.wait(TIMEOUT) and ctl.error is None, ctl.error
+        script_frames += script.poll()
+        script.close()
+        variant = bpy.data.objects["a pinned teapot (seed 3)"]
+        assert variant.active_material is not None
+        ctl.shutdown()
+        assert server.poll() is None, "leaving must not stop a server that others may use"
+    finally:
+        server.kill()
+        server.wait()
+    assert script_frames[0].type == "cancelled" and {m.get("job_id") for m in script_frames} == {"script-job"}
+    assert bar["text"] == "Queued: 1 job ahead" and bar["factor"] == 0.0, bar
+    return {"address": address, "fingerprint": fingerprint, "queued_text": bar["text"]}
+
+
 def blender_crash(zip_path: str, out: Path) -> dict:
     """Finish one asset, start another, then die like a crashing Blender (SIGKILL, no clean-up at all)."""
     ctl_module, _ = install(zip_path, out)
@@ -609,7 +675,17 @@ def shapes_prior(zip_path: str, out: Path) -> dict:
 
 SCENARIOS = {
     f.__name__: f
-    for f in (variants, inputs, interruptions, pump_timing, environment, remote, blender_crash, shapes_prior)
+    for f in (
+        variants,
+        inputs,
+        interruptions,
+        pump_timing,
+        environment,
+        remote,
+        remote_tls,
+        blender_crash,
+        shapes_prior,
+    )
 }
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -378,6 +379,13 @@ def test_cancel_delete_load_and_a_killed_server(extension_zip, tmp_path):
 @needs_bpy
 def test_a_remote_server_over_tcp_checks_the_token_and_runs_jobs(extension_zip, tmp_path):
     assert run_scenario("remote", extension_zip, tmp_path)["address"].startswith("127.0.0.1:")
+
+
+@needs_bpy
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a self-signed certificate")
+def test_a_remote_tls_server_is_pinned_and_queues_behind_another_client(extension_zip, tmp_path):
+    result = run_scenario("remote_tls", extension_zip, tmp_path)
+    assert result["queued_text"] == "Queued: 1 job ahead" and len(result["fingerprint"]) == 95
 
 
 @needs_bpy
