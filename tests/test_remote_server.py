@@ -9,6 +9,7 @@ fingerprint (a self-signed certificate made by the openssl binary).
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 
 from server.wire import protocol, tls
 from server.wire.client import CertificateMismatch, ConnectionClosed, ServerError, TcpConnection
-from tests.test_serve import FINAL, announced, job, tcp_server
+from tests.test_serve import FINAL, REPO, announced, job, tcp_server
 
 TOKEN = "correct horse battery"
 
@@ -204,10 +205,9 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path, str]:
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("needs the openssl binary to make a self-signed certificate")
+    assert tls.SELF_SIGNED_COMMAND in (REPO / "README.md").read_text()
+    subprocess.run(shlex.split(tls.SELF_SIGNED_COMMAND), cwd=tmp_path, check=True, capture_output=True)
     cert, key = tmp_path / "server.crt", tmp_path / "server.key"
-    command = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-sha256", "-days", "2", "-nodes"]
-    command += ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=blender-cfd"]
-    subprocess.run(command, check=True, capture_output=True)
     printed = subprocess.run(
         [openssl, "x509", "-noout", "-fingerprint", "-sha256", "-in", str(cert)],
         check=True,
