@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import hmac
 import importlib
@@ -55,6 +56,7 @@ HANDSHAKES_IN_ALL = 256
 BACKOFF_FIRST_SECONDS = 0.25  # TCP: a failed hello is answered this late, doubling per failure ...
 BACKOFF_MAX_SECONDS = 8.0  # ... up to this
 BACKOFF_FORGET_SECONDS = 300.0  # an address's failures are forgotten after this long without one
+SEND_TIMEOUT_SECONDS = 120.0  # TCP: a client that takes no frame for this long is dropped, freeing the device
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # also names the job's output folder
 OOM_FIX = "lower the render size or batch size, use precision fp16, or run on the CPU (device cpu)"
 NAN_FIX = "lower the guidance scale, use precision fp32, or try another seed"
@@ -130,10 +132,12 @@ class FrameWriter:
 
     A failed write means the client is gone; the writer then stays `broken` and the job's
     `should_cancel` turns true, so an orphaned job stops instead of computing for nobody.
+    `on_broken` (TCP: shut the socket) then ends the connection's reader too.
     """
 
-    def __init__(self, write: Callable[[bytes], None]):
+    def __init__(self, write: Callable[[bytes], None], on_broken: Callable[[], None] | None = None):
         self._write = write
+        self._on_broken = on_broken
         self._lock = threading.Lock()
         self.broken = False
 
@@ -146,6 +150,9 @@ class FrameWriter:
             except (OSError, ValueError) as error:  # ValueError: write to a closed file
                 log.warning("client unreachable (%s); dropping further frames", error)
                 self.broken = True
+                if self._on_broken is not None:
+                    with contextlib.suppress(OSError):
+                        self._on_broken()
                 return False
             return True
 
@@ -206,6 +213,7 @@ class Server:
         self._job: _Job | None = None
         self._queue: collections.deque[_Job] = collections.deque()
         self._lock = threading.Lock()
+        self._info_lock = threading.Lock()  # TCP handshakes run in parallel: probe the environment once
 
     def serve_connection(
         self,
@@ -275,7 +283,7 @@ class Server:
     def _server_info(self) -> dict[str, Any]:
         """The hello fields. A broken torch install is reported here rather than killing the server,
         so the extension can show it (`environment_error`) and still ping, cancel and shut down."""
-        with self._lock:  # TCP handshakes run in parallel: probe the environment once
+        with self._info_lock:
             if self._info is None:
                 base = hello_fields("unavailable", "")
                 try:
@@ -410,10 +418,12 @@ class Server:
             spec.prior,
             position,
         )
-        writer.send(protocol.accepted(job_id, spec.output_dir))
-        if position:
-            writer.send(protocol.progress(job_id, 0, spec.steps, "queued", queue_position=position))
-        job.announced.set()
+        try:
+            writer.send(protocol.accepted(job_id, spec.output_dir))
+            if position:
+                writer.send(protocol.progress(job_id, 0, spec.steps, "queued", queue_position=position))
+        finally:  # its thread waits for this, and the device with it
+            job.announced.set()
 
     def _start_next(self) -> None:
         """With the lock held and no job running: start the first queued job in its thread."""
@@ -507,6 +517,7 @@ class _SocketStream:
     """A socket as `FrameReader` reads it, under an optional overall deadline: the handshake's.
 
     A timeout per read alone would let a client that sends a byte every few seconds stay forever.
+    After the hello an idle client may stay, but a send that waits SEND_TIMEOUT_SECONDS fails.
     """
 
     def __init__(self, sock: socket.socket, deadline: float | None):
@@ -514,16 +525,21 @@ class _SocketStream:
         self.deadline = deadline
 
     def readinto(self, buffer: memoryview) -> int:
-        if self.deadline is not None:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no hello within {HELLO_TIMEOUT_SECONDS:g} s")
-            self.sock.settimeout(remaining)
-        return self.sock.recv_into(buffer)
+        while True:
+            if self.deadline is not None:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no hello within {HELLO_TIMEOUT_SECONDS:g} s")
+                self.sock.settimeout(remaining)
+            try:
+                return self.sock.recv_into(buffer)
+            except TimeoutError:
+                if self.deadline is not None:
+                    raise  # else only sends time out: an authenticated client may be quiet
 
     def lift_deadline(self) -> None:
         self.deadline = None
-        self.sock.settimeout(None)
+        self.sock.settimeout(SEND_TIMEOUT_SECONDS)
 
 
 class Doorkeeper:
@@ -601,7 +617,7 @@ def _serve_client(
 
         why = server.serve_connection(
             reader,
-            FrameWriter(connection.sendall),
+            FrameWriter(connection.sendall, on_broken=lambda: connection.shutdown(socket.SHUT_RDWR)),
             on_greeted=on_greeted,
             on_refused=lambda: time.sleep(doorkeeper.failed(peer, "wrong or missing token")),
         )
@@ -657,6 +673,10 @@ def serve_tcp(
             try:
                 connection, address = listener.accept()
             except TimeoutError:
+                continue
+            except OSError as error:  # e.g. out of file descriptors: keep serving those connected
+                log.warning("accepting a connection failed: %s", error)
+                time.sleep(0.2)
                 continue
             peer = address[0]
             if not doorkeeper.admit(peer):

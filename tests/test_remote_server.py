@@ -9,6 +9,8 @@ fingerprint (a self-signed certificate made by the openssl binary).
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import shlex
 import shutil
 import socket
@@ -19,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from server import serve
 from server.wire import protocol, tls
 from server.wire.client import CertificateMismatch, ConnectionClosed, ServerError, TcpConnection
+from tests import fake_runner
 from tests.test_serve import FINAL, REPO, announced, job, tcp_server
 
 TOKEN = "correct horse battery"
@@ -194,6 +198,47 @@ def test_a_leaving_client_takes_its_jobs_along_and_no_one_elses(tmp_path: Path) 
     assert waited < 3.0, f"the next job started {waited:.1f} s after its owner left"
     assert "job left-running cancelled" in text
     assert (tmp_path / "kept" / "fake.glb").is_file()  # a finished asset stays on disk
+
+
+def test_a_client_that_stops_reading_does_not_hold_the_device(tmp_path: Path, monkeypatch) -> None:
+    """In process (`serve_tcp` on a thread) to shorten the send timeout: a client that floods hellos
+    and reads nothing is dropped, its job cancelled, and the job queued behind it runs."""
+    monkeypatch.setattr(serve, "SEND_TIMEOUT_SECONDS", 0.5)
+    listening: queue.Queue[dict] = queue.Queue()
+    options = {"runner": fake_runner.run_job, "describe": fake_runner.describe, "output_root": tmp_path}
+    thread = threading.Thread(
+        target=serve.serve_tcp,
+        args=("127.0.0.1", 0, TOKEN),
+        kwargs={**options, "announce": listening.put},
+        daemon=True,
+    )
+    thread.start()
+    host, port = listening.get(timeout=10)["listening"].rsplit(":", 1)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect((host, int(port)))
+    stuck.sendall(protocol.client_hello("stuck", TOKEN) + protocol.generate("stuck-job", job(steps=10_000)))
+    waiting = TcpConnection(host, int(port), TOKEN)
+    waiting.hello(timeout=30)
+    waiting.generate("waiting-job", job(steps=2))
+    assert waiting.wait_for("progress", 5).get("queue_position") == 1
+
+    def flood() -> None:
+        with contextlib.suppress(OSError):  # until the server gives up on this client
+            while True:
+                stuck.sendall(protocol.client_hello("stuck") * 1000)  # each answered by a longer hello
+
+    threading.Thread(target=flood, daemon=True).start()
+    start = time.monotonic()
+    frames = frames_until_final(waiting, timeout=30)
+    waited = time.monotonic() - start
+    waiting.shutdown()
+    thread.join(15)
+    waiting.close()
+    stuck.close()
+    assert frames[-1].type == "done" and frames[-1].get("job_id") == "waiting-job"
+    assert waited < 15, f"the queued job waited {waited:.1f} s behind a client that reads nothing"
+    assert not thread.is_alive()
 
 
 # --------------------------------------------------------------------------------------------- TLS
