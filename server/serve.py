@@ -51,7 +51,7 @@ Describe = Callable[[], dict]
 TOKEN_ENV = "BLENDER_CFD_TOKEN"
 CANCEL_WAIT_SECONDS = 10.0  # how long a disconnect or shutdown waits for a cancelled job to return
 HELLO_TIMEOUT_SECONDS = 10.0  # TCP: a connection must finish TLS and authenticate this soon, or it is dropped
-HANDSHAKES_PER_ADDRESS = 16  # TCP: unauthenticated connections one address may hold open at once
+HANDSHAKES_PER_ADDRESS = 16  # TCP: handshakes one address may have open; a newer one cuts off the oldest
 HANDSHAKES_IN_ALL = 256
 BACKOFF_FIRST_SECONDS = 0.25  # TCP: a failed hello is answered this late, doubling per failure ...
 BACKOFF_MAX_SECONDS = 8.0  # ... up to this
@@ -542,29 +542,51 @@ class _SocketStream:
         self.sock.settimeout(SEND_TIMEOUT_SECONDS)
 
 
+@dataclasses.dataclass(eq=False)
+class _Knock:
+    """A connection still in its handshake: the socket to shut if a newer one needs its place."""
+
+    address: str
+    sock: socket.socket
+
+
 class Doorkeeper:
-    """Who may knock on a TCP server: unauthenticated connections per address (and in all), and
-    the back-off of failed hellos. Each failed hello from an address is logged and answered later
-    than the one before (doubling up to BACKOFF_MAX_SECONDS), so guessing the token is slow."""
+    """Who may knock on a TCP server: handshakes open per address (and in all), and the back-off
+    of failed hellos.
+
+    When an address (or the server) has no room for another handshake, its oldest one is cut off:
+    a legitimate hello takes milliseconds, so a crowd of silent connections cannot keep it out.
+    Each failed hello from an address is logged and answered later than the one before (doubling
+    up to BACKOFF_MAX_SECONDS), so guessing the token is slow.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._open: collections.Counter[str] = collections.Counter()
+        self._knocks: dict[_Knock, None] = {}  # in arrival order: the oldest first
         self._failures: dict[str, tuple[int, float]] = {}  # address -> (failures, when the last was)
 
-    def admit(self, address: str) -> bool:
-        """Room for one more handshake from `address`; `release` it when the handshake ends."""
+    def admit(self, address: str, sock: socket.socket) -> _Knock:
+        """A place for one more handshake; `release` it when the handshake ends, either way."""
+        knock = _Knock(address, sock)
         with self._lock:
-            if self._open[address] >= HANDSHAKES_PER_ADDRESS or self._open.total() >= HANDSHAKES_IN_ALL:
-                return False
-            self._open[address] += 1
-            return True
+            same = [other for other in self._knocks if other.address == address]
+            victim = None
+            if len(same) >= HANDSHAKES_PER_ADDRESS:
+                victim = same[0]
+            elif len(self._knocks) >= HANDSHAKES_IN_ALL:
+                victim = next(iter(self._knocks))
+            if victim is not None:
+                del self._knocks[victim]
+            self._knocks[knock] = None
+        if victim is not None:
+            log.warning("too many handshakes open; cut off the oldest, from %s", victim.address)
+            with contextlib.suppress(OSError):
+                victim.sock.shutdown(socket.SHUT_RDWR)
+        return knock
 
-    def release(self, address: str) -> None:
+    def release(self, knock: _Knock) -> None:
         with self._lock:
-            self._open[address] -= 1
-            if self._open[address] <= 0:
-                del self._open[address]
+            self._knocks.pop(knock, None)
 
     def failed(self, address: str, why: str) -> float:
         """Record a failed hello; returns the seconds to wait before answering it."""
@@ -584,7 +606,7 @@ class Doorkeeper:
 def _serve_client(
     server: Server,
     connection: socket.socket,
-    peer: str,
+    knock: _Knock,
     tls_context: ssl.SSLContext | None,
     doorkeeper: Doorkeeper,
     stop: threading.Event,
@@ -592,13 +614,14 @@ def _serve_client(
     """One TCP client on its own thread: TLS and hello under one deadline and the pre-hello size
     limits, then its session. Shutdown from an authenticated client sets `stop`."""
     deadline = time.monotonic() + HELLO_TIMEOUT_SECONDS
+    peer = knock.address
     greeted = False
     try:
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls_context is not None:
             connection.settimeout(HELLO_TIMEOUT_SECONDS)
             try:
-                connection = tls_context.wrap_socket(connection, server_side=True)
+                connection = knock.sock = tls_context.wrap_socket(connection, server_side=True)
             except OSError as error:  # ssl.SSLError too: a plain-TCP client, a wrong version, a timeout
                 log.warning("TLS handshake with %s failed: %s", peer, error)
                 return
@@ -610,7 +633,7 @@ def _serve_client(
         def on_greeted() -> None:
             nonlocal greeted
             greeted = True
-            doorkeeper.release(peer)
+            doorkeeper.release(knock)
             stream.lift_deadline()
             reader.max_header_bytes = protocol.MAX_HEADER_BYTES
             reader.max_payload_bytes = protocol.MAX_PAYLOAD_BYTES
@@ -627,8 +650,7 @@ def _serve_client(
         if why == "shutdown":
             stop.set()
     finally:
-        if not greeted:
-            doorkeeper.release(peer)
+        doorkeeper.release(knock)
         connection.close()
 
 
@@ -678,17 +700,13 @@ def serve_tcp(
                 log.warning("accepting a connection failed: %s", error)
                 time.sleep(0.2)
                 continue
-            peer = address[0]
-            if not doorkeeper.admit(peer):
-                log.warning("too many unauthenticated connections from %s; closed this one at once", peer)
-                connection.close()
-                continue
-            log.info("connection from %s", peer)
+            log.info("connection from %s", address[0])
             connection.settimeout(None)
+            knock = doorkeeper.admit(address[0], connection)
             threading.Thread(
                 target=_serve_client,
-                args=(server, connection, peer, tls_context, doorkeeper, stop),
-                name=f"client-{peer}",
+                args=(server, connection, knock, tls_context, doorkeeper, stop),
+                name=f"client-{address[0]}",
                 daemon=True,
             ).start()
     server.cancel_jobs(None, wait_s=CANCEL_WAIT_SECONDS)
