@@ -10,6 +10,7 @@ of the pytest process keeps its threads apart from the server's.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -582,7 +583,8 @@ def remote_tls(zip_path: str, out: Path) -> dict:
         assert ctl.connection is None and "CFD preview" not in " ".join(bpy.data.objects.keys())
 
         prefs.remote_fingerprint = ""  # plain TCP to a TLS server
-        assert bpy.ops.cfd.generate() == {"FINISHED"}
+        with contextlib.suppress(RuntimeError):  # reported at once if the server hung up before the job
+            bpy.ops.cfd.generate()
         pump_until(ctl, lambda: ctl.error is not None, what="the refusal of plain TCP")
         assert ctl.error.code == "remote_closed" and "fingerprint" in ctl.error.fix, ctl.error
 

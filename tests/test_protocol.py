@@ -183,6 +183,13 @@ def test_progress_turns_non_finite_numbers_into_null() -> None:
     assert message.header["loss"] is None and message.header["t"] is None
 
 
+def test_the_queue_position_is_additive_to_progress() -> None:
+    plain = decode_frame(protocol.progress("j", 3, 10, "shape"))
+    queued = decode_frame(protocol.progress("j", 0, 10, "queued", queue_position=2))
+    assert "queue_position" not in plain.header  # what an older client already reads, unchanged
+    assert queued.header["queue_position"] == 2 and queued.header["stage"] == "queued"
+
+
 # --------------------------------------------------------------------------------- encoder refusals
 
 
