@@ -205,12 +205,18 @@ def test_step_ends_with_both_priors_figures(monkeypatch, capsys):
     )
     assert step.main(args) == 0
     result = last_json_line(capsys.readouterr().out)
-    for prior in ("shapes", "sd21"):
+    for prior in ("shapes_volume", "shapes", "sd21"):
         entry = result[prior]
         assert entry["ms_step"] > 0 and entry["ms_network"] > 0 and 0 < entry["non_network_share"] < 1
         assert set(entry["methods"]) == {"sds", "cfd"}
     assert result["sd21"]["network_stages"] == ["network", "encode", "encode_backward"]
-    assert result["cfd_over_sds"] > 0 and result["peak_memory_mb"] > 0
+    assert (result["shapes_volume"]["stage"], result["shapes"]["stage"]) == ("volume", "mesh")
+    volume, mesh = result["shapes_volume"], result["shapes"]
+    assert volume["share_of_job_steps"] + mesh["share_of_job_steps"] == pytest.approx(1.0)
+    # the job's ratio lies between its stages' ratios, weighted by their shares of the steps
+    low, high = sorted([result["cfd_over_sds_volume"], result["cfd_over_sds_mesh"]])
+    assert low - 1e-3 <= result["cfd_over_sds"] <= high + 1e-3
+    assert result["peak_memory_mb"] > 0
 
 
 def test_latency_against_a_real_server_and_the_extensions_pump():
