@@ -10,6 +10,11 @@ A step of the generator costs about the sum of the two, plus the prior. Medians 
 after one warm-up. With --json the last line is one JSON object: `ms_step_<size>` and
 `ms_marching_tets` at the default grid, per-grid detail under "grids".
 
+`python -m server.bench render --vs-threestudio PATH` instead times this project's marching tetrahedra
+against threestudio's `MarchingTetrahedraHelper` from a local checkout at PATH, in one run, on the Kuhn
+grid of `--vs-grid` cells per axis (64: about 275k vertices, threestudio's "128" tet budget), and
+prints the ratio (`bench/threestudio_tets.py`).
+
 `python -m server.bench render --fit` instead runs the photometric proof fit of `server.testing.fit` (red box
 and blue sphere) at a bigger setting than the test's, prints IoU and colour error and writes the
 target-vs-fit PNG.
@@ -23,6 +28,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -141,6 +147,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grids", default=",".join(map(str, GRIDS)), help="DMTet cells per axis to time, comma-separated"
     )
     parser.add_argument("--fit", action="store_true", help="run the proof fit instead of the timings")
+    parser.add_argument(
+        "--vs-threestudio",
+        type=Path,
+        metavar="PATH",
+        help="a threestudio checkout: time marching tets against its MarchingTetrahedraHelper instead",
+    )
+    parser.add_argument("--vs-grid", type=int, default=64, help="--vs-threestudio: Kuhn cells per axis")
     parser.add_argument("--steps", type=int, default=400, help="--fit: optimisation steps")
     parser.add_argument("--grid", type=int, default=32, help="--fit: DMTet cells per axis")
     parser.add_argument("--size", type=int, default=128, help="--fit: render size")
@@ -151,7 +164,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if args.fit:
+    if args.vs_threestudio is not None:
+        from bench.threestudio_tets import compare
+
+        try:
+            result = compare(args.vs_threestudio, args.vs_grid, args.repeats, device)
+        except FileNotFoundError as error:
+            print(f"skipped: {error}", file=sys.stderr)
+            return 2
+        print(
+            f"marching tets forward + backward on the Kuhn grid n={result['grid_cells_per_axis']} "
+            f"({result['grid_vertices']} vertices, {result['grid_tets']} tets) on {device}, "
+            f"{args.threads} thread(s), median of {args.repeats}:\n"
+            f"  this project  {result['ms_ours']:>9.1f} ms  {result['faces_ours']} faces\n"
+            f"  threestudio   {result['ms_threestudio']:>9.1f} ms  {result['faces_threestudio']} faces\n"
+            f"  threestudio / this project: {result['threestudio_over_ours']:.2f}"
+        )
+        ok = result["faces_ours"] == result["faces_threestudio"]
+    elif args.fit:
         result = proof_fit(args, device)
         print(
             f"proof fit on {device}: grid {args.grid}, {args.size}^2 renders, {args.steps} steps in "

@@ -12,9 +12,15 @@ sets it up (`server.pipeline.setup.start_job`) and runs run_job's own step (`opt
 run_job's to the bit (tests/test_bench.py checks it). Methods alternate step by step, so a busy
 neighbour on a shared CPU slows them alike.
 
+A job's steps are of two kinds: the shape stage's (`volume_step`, the first 60 %: two volume-rendered
+views a step) and DMTet's (`mesh_step`); each is measured on its own (the DMTet steps from the start
+shape handed over at once), and `cfd_over_sds` is the ratio of whole jobs, each stage's step time
+weighted by its share of the steps (`cfd_over_sds_volume` and `cfd_over_sds_mesh` are the stages').
+
 Two priors: the shipped shapes prior at the CPU demo settings (JobSpec defaults) and a Stable Diffusion
 2.1-base-sized prior with random weights (UNet 866M parameters, SD's VAE, 64x64 latents from 64 px
-renders upsampled to 512 px, as the CPU demo would run it): random weights cost what trained ones do.
+renders upsampled to 512 px, as the CPU demo would run it; DMTet steps): random weights cost what
+trained ones do.
 "network" counts the UNet call and, for a latent prior, the VAE encoder's forward and backward.
 Wall-clock milliseconds include waiting for a core on a shared machine; the thread's CPU milliseconds
 do not (one torch thread), so both are reported. Unless --no-latency, the figures of
@@ -45,7 +51,7 @@ from tqdm import tqdm
 from bench.prior import sd21_unet_config, sd_vae_config
 from server.job.spec import JobSpec
 from server.pipeline.setup import start_job
-from server.pipeline.step import StepTimer, optimisation_step
+from server.pipeline.step import StepTimer, hand_over, optimisation_step
 from server.priors import DiffusersPrior, Prior, default_dtype
 from server.testing.tiny import sd_scheduler
 
@@ -225,10 +231,25 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def measure_prior(
-    label: str, spec: JobSpec, methods: list[str], steps: int, warmup: int, prior: Prior | None = None
+    label: str,
+    spec: JobSpec,
+    methods: list[str],
+    steps: int,
+    warmup: int,
+    prior: Prior | None = None,
+    stage: str = "mesh",
 ) -> dict:
-    """Interleaved steps of every method from the same seed; medians of the timed steps per method."""
+    """Interleaved steps of every method from the same seed; medians of the timed steps per method.
+
+    stage "volume": the job's first steps, in the shape stage; "mesh": DMTet steps, from the start
+    shape handed over at once (a mesh step costs what it costs whatever the shape's history).
+    """
     states = {m: start_job(JobSpec.from_dict({**spec.to_dict(), "method": m}), None, prior) for m in methods}
+    volume_share = states[methods[0]].volume_steps / spec.steps
+    if stage == "mesh":
+        for state in states.values():
+            hand_over(state)
+            state.volume_steps = 0
     device = states[methods[0]].device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -251,6 +272,8 @@ def measure_prior(
     figures = {m: summarise(timers[m], networks) for m in methods}
     return {
         "prior": states[methods[0]].stages[0].prior.name,
+        "stage": stage,
+        "share_of_job_steps": round(volume_share if stage == "volume" else 1.0 - volume_share, 4),
         "settings": {
             "render_size": spec.render_size,
             "grid_resolution": spec.grid_resolution,
@@ -295,6 +318,17 @@ def ratio(result: dict, numerator: str, denominator: str, key: str = "ms_step") 
     return round(methods[numerator][key] / methods[denominator][key], 4)
 
 
+def job_ratio(results: list[dict], numerator: str, denominator: str, key: str = "ms_step") -> float | None:
+    """The ratio of two methods' whole-job times: each stage's step time weighted by its share of steps."""
+    if any(numerator not in r["methods"] or denominator not in r["methods"] for r in results):
+        return None
+
+    def job(method: str) -> float:
+        return sum(r["share_of_job_steps"] * r["methods"][method][key] for r in results)
+
+    return round(job(numerator) / job(denominator), 4)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     parser.add_argument("--device", default="cpu")
@@ -327,12 +361,23 @@ def main(args: argparse.Namespace) -> int:
         },
         "command": "python -m server.bench " + " ".join(sys.argv[1:]),
     }
-    shapes = measure_prior("shapes", demo, args.methods.split(","), args.steps, args.warmup)
-    print_table("shapes prior at the CPU demo settings", shapes)
+    methods = args.methods.split(",")
+    volume = measure_prior("shapes, shape stage", demo, methods, args.steps, args.warmup, stage="volume")
+    print_table("shapes prior at the CPU demo settings, shape stage (volume)", volume)
+    shapes = measure_prior("shapes, DMTet stage", demo, methods, args.steps, args.warmup, stage="mesh")
+    print_table("shapes prior at the CPU demo settings, DMTet stage", shapes)
+    result["shapes_volume"] = _prior_entry(volume)
     result["shapes"] = _prior_entry(shapes)
-    result["cfd_over_sds"] = ratio(shapes, "cfd", "sds")
-    result["cfd_over_sds_cpu"] = ratio(shapes, "cfd", "sds", "cpu_ms_step")
-    result["fsd_over_sds"] = ratio(shapes, "fsd", "sds")
+    # A job's time is its stages' steps: the ratios of whole jobs weigh each stage by its share of steps.
+    result["cfd_over_sds"] = job_ratio([volume, shapes], "cfd", "sds")
+    result["cfd_over_sds_cpu"] = job_ratio([volume, shapes], "cfd", "sds", "cpu_ms_step")
+    result["fsd_over_sds"] = job_ratio([volume, shapes], "fsd", "sds")
+    result["cfd_over_sds_volume"] = ratio(volume, "cfd", "sds")
+    result["cfd_over_sds_mesh"] = ratio(shapes, "cfd", "sds")
+    print(
+        f"\nCFD / SDS per job: {result['cfd_over_sds']} (shape stage {result['cfd_over_sds_volume']}, "
+        f"DMTet stage {result['cfd_over_sds_mesh']}); FSD / SDS {result['fsd_over_sds']}"
+    )
     if not args.no_sd:
         dtype = default_dtype(device)
         print("building the SD-2.1-sized prior (random weights)...", file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -205,12 +206,18 @@ def test_step_ends_with_both_priors_figures(monkeypatch, capsys):
     )
     assert step.main(args) == 0
     result = last_json_line(capsys.readouterr().out)
-    for prior in ("shapes", "sd21"):
+    for prior in ("shapes_volume", "shapes", "sd21"):
         entry = result[prior]
         assert entry["ms_step"] > 0 and entry["ms_network"] > 0 and 0 < entry["non_network_share"] < 1
         assert set(entry["methods"]) == {"sds", "cfd"}
     assert result["sd21"]["network_stages"] == ["network", "encode", "encode_backward"]
-    assert result["cfd_over_sds"] > 0 and result["peak_memory_mb"] > 0
+    assert (result["shapes_volume"]["stage"], result["shapes"]["stage"]) == ("volume", "mesh")
+    volume, mesh = result["shapes_volume"], result["shapes"]
+    assert volume["share_of_job_steps"] + mesh["share_of_job_steps"] == pytest.approx(1.0)
+    # the job's ratio lies between its stages' ratios, weighted by their shares of the steps
+    low, high = sorted([result["cfd_over_sds_volume"], result["cfd_over_sds_mesh"]])
+    assert low - 1e-3 <= result["cfd_over_sds"] <= high + 1e-3
+    assert result["peak_memory_mb"] > 0
 
 
 def test_latency_against_a_real_server_and_the_extensions_pump():
@@ -229,3 +236,52 @@ def test_the_dense_preview_is_a_closed_outward_ball():
     mesh = trimesh.Trimesh(positions, faces, process=False)
     assert len(positions) == 50_002 and mesh.is_watertight and mesh.is_winding_consistent
     assert mesh.volume == pytest.approx(4 / 3 * np.pi, rel=1e-3)
+
+
+STAND_IN_ISOSURFACE = '''
+import numpy as np
+import torch
+import torch.nn as nn
+
+import threestudio
+from threestudio.models.mesh import Mesh
+from threestudio.utils.typing import *
+
+from server.geometry.dmtet import DMTet
+from server.geometry.tetgrid import TetGrid, kuhn_grid
+
+
+class MarchingTetrahedraHelper(nn.Module):
+    """Stands in for threestudio's: its constructor, its imports, its sign convention (positive inside)."""
+
+    def __init__(self, resolution: int, tets_path: str):
+        super().__init__()
+        tets = np.load(tets_path)
+        grid = kuhn_grid(resolution)
+        assert np.array_equal(tets["indices"], grid.tets)
+        self.grid_vertices: Float[Tensor, "Nv 3"] = torch.from_numpy(tets["vertices"]).float()
+        self.geometry = DMTet(grid, device=torch.device("cpu"))
+        threestudio.warn("loaded")
+
+    def forward(self, level: Float[Tensor, "N 1"], deformation: Optional[Tensor] = None) -> Mesh:
+        with torch.no_grad():
+            self.geometry.sdf.copy_(-level.reshape(-1))
+        mesh = self.geometry()
+        return Mesh(v_pos=mesh.vertices, t_pos_idx=mesh.faces, grid_level=level)
+'''
+
+
+def test_the_threestudio_comparison_loads_the_helper_from_a_file_and_times_the_same_surface(tmp_path):
+    from bench.threestudio_tets import compare, isosurface_file
+
+    with pytest.raises(FileNotFoundError, match="threestudio checkout"):
+        isosurface_file(tmp_path)
+    models = tmp_path / "threestudio" / "models"
+    models.mkdir(parents=True)
+    (models / "isosurface.py").write_text(STAND_IN_ISOSURFACE)
+    result = compare(tmp_path, 8, 2, torch.device("cpu"))
+    assert result["faces_ours"] == result["faces_threestudio"] > 100
+    assert result["grid_vertices"] == 9**3 and result["ms_ours"] > 0 and result["ms_threestudio"] > 0
+    ratio = result["ms_threestudio"] / result["ms_ours"]
+    assert result["threestudio_over_ours"] == pytest.approx(ratio, 0.01)
+    assert "threestudio" not in sys.modules  # the stand-ins for its imports are gone again

@@ -55,10 +55,14 @@ The reference stores W as a [6 charts, 4 radial shells, 2048, 2048, 4] texture (
    screen-space noise shared by all views and re-injected like the cells ("fixed"), or fresh noise
    at every call ("fresh").
 
-Cost per view: the cells one view touches (at the default texel, 2 / (5 max(h, w)), about 150 per
+Cost per view: the cells one view touches (at the default texel, 2 / (3 max(h, w)), about 50 per
 latent pixel on a sphere of radius 0.6 seen from radius 2.4 with fovy 40; the count grows as
 1 / radius^2 on the radial charts), a z-buffer pair per chart over the footprint's bounding box, and
-the rasteriser's spans in chunks of `_CHUNK`; no state beyond the background noise.
+the rasteriser's spans in chunks of `_CHUNK`; no state beyond the background noise. The texel is a
+trade: at a texel 0.6 times as wide (about 150 cells per latent pixel)
+the noise cost 1.5 to 1.7 times as much, and the correlation at corresponding surface points of two
+views sat on the ideal footprint overlap just the same (`python -m server.bench noise`). All views
+of a query go through the footprints in one pass.
 """
 
 from __future__ import annotations
@@ -180,14 +184,15 @@ class HashedWhiteNoise:
 def latent_corner_mesh(
     points: torch.Tensor, opacity: torch.Tensor, latent_hw: tuple[int, int], threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The latent-cell corner mesh of one view: corners [(h+1)(w+1), 3], faces [2hw, 3], face_ok [2hw].
+    """The latent-cell corner meshes of a batch of views, points [B, H, W, 3], opacity [B, H, W, 1]:
+    corners [B (h+1)(w+1), 3], faces [B 2hw, 3] (indices into all corners), face_ok [B 2hw].
 
     Corner (r, c) sits at render pixel boundary (r s_y, c s_x); its position is the mean of the opaque
     surface hits in a window of s rounded up to even around it, its opacity the window's mean opacity.
-    Faces 2p and 2p + 1 are latent pixel p's two triangles (row-major p); a face is foreground when its
-    three corners' opacity exceeds `threshold`.
+    Faces 2p and 2p + 1 are latent pixel p's two triangles (p row-major over views, then rows); a face
+    is foreground when its three corners' opacity exceeds `threshold`.
     """
-    height, width = points.shape[:2]
+    views, height, width = points.shape[:3]
     h, w = latent_hw
     if height % h or width % w:
         raise ValueError(
@@ -196,15 +201,15 @@ def latent_corner_mesh(
     sy, sx = height // h, width // w
     ky, kx = sy + sy % 2, sx + sx % 2
     mask = (opacity > threshold).to(points.dtype)
-    stacked = torch.cat([points * mask, mask, opacity], dim=-1).permute(2, 0, 1)[None]
+    stacked = torch.cat([points * mask, mask, opacity], dim=-1).permute(0, 3, 1, 2)
     pooled = F.avg_pool2d(
         stacked, (ky, kx), stride=(sy, sx), padding=(ky // 2, kx // 2), count_include_pad=False
-    )[0]
-    corners = (pooled[:3] / pooled[3:4].clamp_min(1e-12)).permute(1, 2, 0).reshape(-1, 3)
-    corner_opaque = (pooled[4] > threshold).reshape(-1)
-    index = torch.arange((h + 1) * (w + 1), device=points.device).reshape(h + 1, w + 1)
-    a, b, c, d = index[:-1, :-1], index[:-1, 1:], index[1:, :-1], index[1:, 1:]
-    faces = torch.stack([torch.stack([a, b, d], -1), torch.stack([a, d, c], -1)], dim=2).reshape(-1, 3)
+    )
+    corners = (pooled[:, :3] / pooled[:, 3:4].clamp_min(1e-12)).permute(0, 2, 3, 1).reshape(-1, 3)
+    corner_opaque = (pooled[:, 4] > threshold).reshape(-1)
+    index = torch.arange(views * (h + 1) * (w + 1), device=points.device).reshape(views, h + 1, w + 1)
+    a, b, c, d = index[:, :-1, :-1], index[:, :-1, 1:], index[:, 1:, :-1], index[:, 1:, 1:]
+    faces = torch.stack([torch.stack([a, b, d], -1), torch.stack([a, d, c], -1)], dim=3).reshape(-1, 3)
     return corners, faces, corner_opaque[faces].all(dim=-1)
 
 
@@ -238,9 +243,10 @@ def chart_corners(corners: torch.Tensor, texels: int) -> tuple[torch.Tensor, tor
     and [charts, V] whether a corner may enter the chart. Texel (i, j) has its centre at integer (i, j);
     a cube face has `texels` texels across [-1, 1] and q = -1 / t, a parallel chart q = p_e."""
     uvq, allowed = [], []
+    least_t = _MIN_COSINE * corners.norm(dim=1)
     for axis, sign in _CUBE:
         t = sign * corners[:, axis]
-        inside = t > _MIN_COSINE * corners.norm(dim=1)
+        inside = t > least_t
         t = torch.where(inside, t, 1.0)
         u, v = ((corners[:, k] / t + 1.0) * texels / 2 - 0.5 for k in _PLANE_AXES[axis])
         uvq.append(torch.stack([u, v, -1.0 / t], dim=1))
@@ -253,21 +259,25 @@ def chart_corners(corners: torch.Tensor, texels: int) -> tuple[torch.Tensor, tor
     return torch.stack(uvq), torch.stack(allowed)
 
 
-def rasterize_owners(tri: torch.Tensor, chart: torch.Tensor, texels: int) -> tuple[torch.Tensor, ...]:
+def rasterize_owners(
+    tri: torch.Tensor, chart: torch.Tensor, texels: int, views: int = 1
+) -> tuple[torch.Tensor, ...]:
     """For every texel of every chart covered by the triangles, its nearest and farthest triangle.
 
     tri [T, 3, 3]: per triangle corner (u, v, q) as `chart_corners` gives; chart [T]: each triangle's
-    chart. Cube faces keep texels 0 <= i, j < `texels`. Written by hand because this is a z-buffer with
-    integer (depth, triangle) keys over texel centres, not an image render: nvdiffrast needs CUDA and
-    the project's differentiable rasterizer renders images. Vectorised scanlines over all charts at
-    once (each chart's z-buffer is a region of one flat buffer): the barycentric weights are affine in
-    the texel offset, so each (triangle, row of its bounding box) gets its span of inside columns in
-    closed form, and each covered (triangle, texel) costs a few gathers and one multiply-add for its
+    view and chart, view * (the number of charts) + chart, so each view has z-buffers of its own and
+    one call serves a batch of views. Cube faces keep texels 0 <= i, j < `texels`. Written by hand
+    because this is a z-buffer with integer (depth, triangle) keys over texel centres, not an image
+    render: nvdiffrast needs CUDA and the project's differentiable rasterizer renders images.
+    Vectorised scanlines over all charts at once (each chart's z-buffer is a region of one flat
+    buffer): the barycentric weights are affine in the texel offset, so each (triangle, row of its
+    bounding box) gets its span of inside columns in closed form, and each covered (triangle, texel)
+    costs a few gathers and one multiply-add for its
     depth. Returns chart, i, j, near_triangle, near_q, far_triangle, far_q per covered texel.
     """
     device = tri.device
     lo, hi = tri[:, :, :2].amin(dim=1).ceil(), tri[:, :, :2].amax(dim=1).floor()
-    cube = (chart < len(_CUBE))[:, None]
+    cube = (chart % _CHARTS < len(_CUBE))[:, None]
     lo, hi = torch.where(cube, lo.clamp_min(0.0), lo), torch.where(cube, hi.clamp_max(texels - 1.0), hi)
     p, depth = tri[:, :, :2] - lo[:, None], tri[:, :, 2]  # corners relative to the box's first texel
     e1, e2 = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]
@@ -276,9 +286,9 @@ def rasterize_owners(tri: torch.Tensor, chart: torch.Tensor, texels: int) -> tup
     p, depth, area2, chart = p[kept], depth[kept], area2[kept], chart[kept]
     lo, hi = lo[kept].long(), hi[kept].long()
     # each chart's z-buffer: the bounding box of its triangles, laid out one chart after the other
-    origin = torch.full((_CHARTS, 2), _INT64_MAX, dtype=torch.int64, device=device)
+    origin = torch.full((views * _CHARTS, 2), _INT64_MAX, dtype=torch.int64, device=device)
     origin = origin.scatter_reduce(0, chart[:, None].expand(-1, 2), lo, "amin")
-    end = torch.full((_CHARTS, 2), _INT64_MIN, dtype=torch.int64, device=device)
+    end = torch.full((views * _CHARTS, 2), _INT64_MIN, dtype=torch.int64, device=device)
     end = end.scatter_reduce(0, chart[:, None].expand(-1, 2), hi, "amax")
     grid = (end - origin + 1).clamp_min(0)
     offset = torch.cumsum(grid[:, 0] * grid[:, 1], 0) - grid[:, 0] * grid[:, 1]
@@ -347,11 +357,13 @@ def _slab_coordinate(
 
 @dataclass
 class Footprints:
-    """The lattice cells each latent pixel of one view owns: cell `cells[n]` belongs to pixel `pixel[n]`."""
+    """The lattice cells the latent pixels of a batch of views own: cell `cells[n]` belongs to pixel
+    `pixel[n]` of view `view[n]`."""
 
-    pixel: torch.Tensor  # [N] int64, row-major index into the h x w latent grid
+    view: torch.Tensor  # [N] int64, the view's index in the batch
+    pixel: torch.Tensor  # [N] int64, row-major index into the view's h x w latent grid
     cells: torch.Tensor  # [N] int64, packed (chart, i, j, slab); all distinct within a view
-    foreground: torch.Tensor  # [h, w] bool: the pixel has at least one foreground triangle
+    foreground: torch.Tensor  # [B, h, w] bool: the pixel has at least one foreground triangle
 
 
 def surface_footprints(
@@ -362,31 +374,37 @@ def surface_footprints(
     slab: float,
     opacity_threshold: float = 0.1,
 ) -> Footprints:
-    """The cells each latent pixel of one view integrates: points [H, W, 3] true hits, opacity [H, W, 1].
+    """The cells each latent pixel of each view integrates: points [B, H, W, 3] true hits, opacity
+    [B, H, W, 1]. The views share the lattice (that is the consistency) but not their ownership, and
+    one pass over the batch costs little more than one view.
 
     `texel_size` is the cube map's texel in gnomonic units (radians near a face's centre); the parallel
     charts use texels of `_PLANE_TEXELS` times that in world units.
     """
+    views, pixels = points.shape[0], latent_hw[0] * latent_hw[1]
     corners, faces, face_ok = latent_corner_mesh(points, opacity, latent_hw, opacity_threshold)
     texels = max(1, round(2.0 / texel_size))
     uvq, allowed = chart_corners(corners, texels)
     faces = faces[face_ok]
-    owner = torch.nonzero(face_ok).squeeze(1) // 2  # the latent pixel of each foreground face
+    owner = torch.nonzero(face_ok).squeeze(1) // 2  # the latent pixel (over all views) of each face
     chart, face = torch.nonzero(allowed[:, faces].all(dim=-1), as_tuple=True)
     tri = uvq[chart[:, None], faces[face]]  # [T, 3, 3]
-    chart_of, i, j, near, near_q, far, far_q = rasterize_owners(tri, chart, texels)
+    view_chart = owner[face] // pixels * _CHARTS + chart
+    chart_of, i, j, near, near_q, far, far_q = rasterize_owners(tri, view_chart, texels, views)
+    chart_of = chart_of % _CHARTS
     jitter, _ = _uniform_pair(hash64(pack_cells(chart_of, i, j, torch.zeros_like(i)) ^ _JITTER_SALT))
     near_slab = torch.floor(_slab_coordinate(chart_of, i, j, near_q, texels) / slab + jitter).long()
     far_slab = torch.floor(_slab_coordinate(chart_of, i, j, far_q, texels) / slab + jitter).long()
     extra = (far != near) & (far_slab != near_slab)
-    pixel = owner[face[torch.cat([near, far[extra]])]]
+    owned = owner[face[torch.cat([near, far[extra]])]]
     cells = torch.cat(
         [
             pack_cells(chart_of, i, j, near_slab),
             pack_cells(chart_of[extra], i[extra], j[extra], far_slab[extra]),
         ]
     )
-    return Footprints(pixel, cells, face_ok.reshape(*latent_hw, 2).any(dim=-1))
+    foreground = face_ok.reshape(views, *latent_hw, 2).any(dim=-1)
+    return Footprints(owned // pixels, owned % pixels, cells, foreground)
 
 
 class ConsistentNoise(NoiseProvider):
@@ -394,7 +412,7 @@ class ConsistentNoise(NoiseProvider):
 
     `background`: "fixed" (one screen-space noise per latent grid shared by all views and re-injected
     like the cells, as the reference's shaded stages) or "fresh" (new noise at every call).
-    `texel_size` (the cube map's, see `surface_footprints`) defaults to 2 / (5 max(h, w)); `slab` is the
+    `texel_size` (the cube map's, see `surface_footprints`) defaults to 2 / (3 max(h, w)); `slab` is the
     slab thickness in world units.
     """
 
@@ -419,12 +437,12 @@ class ConsistentNoise(NoiseProvider):
         self.background: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def texel_size_for(self, latent_hw: tuple[int, int]) -> float:
-        return self.texel_size if self.texel_size is not None else 2.0 / (5 * max(latent_hw))
+        return self.texel_size if self.texel_size is not None else 2.0 / (3 * max(latent_hw))
 
     def footprints(
         self, points: torch.Tensor, opacity: torch.Tensor, latent_hw: tuple[int, int]
     ) -> Footprints:
-        """The cells each latent pixel of one view owns (points [H, W, 3], opacity [H, W, 1])."""
+        """The cells each latent pixel of each view owns (points [B, H, W, 3], opacity [B, H, W, 1])."""
         return surface_footprints(
             points.to(self.device, torch.float32),
             opacity.to(self.device, torch.float32),
@@ -439,15 +457,14 @@ class ConsistentNoise(NoiseProvider):
         if query.points is None or query.opacity is None:
             raise ValueError("consistent noise needs the render's surface points and opacity")
         h, w = query.latent_hw
-        sums, counts = [], []
-        for points, opacity in zip(query.points, query.opacity, strict=True):
-            foot = self.footprints(points, opacity, query.latent_hw)
-            values = self.texture.values(foot.cells, query.channels).to(torch.float64)
-            total = torch.zeros(h * w, query.channels, dtype=torch.float64, device=self.device)
-            total.index_add_(0, foot.pixel, values)
-            sums.append(total.to(torch.float32).T.reshape(query.channels, h, w))
-            counts.append(torch.bincount(foot.pixel, minlength=h * w).reshape(h, w))
-        return torch.stack(sums), torch.stack(counts)
+        views, channels = query.points.shape[0], query.channels
+        foot = self.footprints(query.points, query.opacity, query.latent_hw)
+        pixel = foot.view * (h * w) + foot.pixel
+        values = self.texture.values(foot.cells, channels).to(torch.float64)
+        sums = torch.zeros(views * h * w, channels, dtype=torch.float64, device=self.device)
+        sums.index_add_(0, pixel, values)
+        sums = sums.to(torch.float32).reshape(views, h, w, channels).permute(0, 3, 1, 2)
+        return sums, torch.bincount(pixel, minlength=views * h * w).reshape(views, h, w)
 
     def sample(self, query: NoiseQuery) -> torch.Tensor:
         return self.sample_with_counts(query)[0]
