@@ -87,13 +87,47 @@ def save_reply(out: Path, reply: dict) -> dict:
     }
 
 
-def start_workers(count: int, resources: dict, threads: int) -> list[Worker]:
-    """`count` actors, started together; each is one process for its whole life (Ray does not restart
-    it: a lost worker is replaced by the driver, which knows which job it held)."""
-    actor_class = ray.remote(max_restarts=0, max_task_retries=0, **resources)(VariantWorker)
-    actors = [actor_class.remote(threads) for _ in range(count)]
-    pids = ray.get([actor.pid.remote() for actor in actors])
-    return [Worker(actor, pid) for actor, pid in zip(actors, pids, strict=True)]
+class WorkerPool:
+    """The batch's actors, each one process for its whole life (Ray does not restart it: a lost worker
+    is replaced here, where it is known which job it held). A worker is starting (until its pid comes
+    back, which the batch waits on beside the jobs, so a replacement never holds up the others), idle,
+    or running a job."""
+
+    def __init__(self, resources: dict, threads: int):
+        self.actor_class = ray.remote(max_restarts=0, max_task_retries=0, **resources)(VariantWorker)
+        self.threads = threads
+        self.starting: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}
+        self.idle: list[Worker] = []
+        self.running: dict[ray.ObjectRef, tuple[BatchJob, Worker]] = {}
+
+    def start(self, count: int) -> None:
+        for _ in range(count):
+            actor = self.actor_class.remote(self.threads)
+            self.starting[actor.pid.remote()] = actor
+
+    def waiting_on(self) -> list[ray.ObjectRef]:
+        return [*self.running, *self.starting]
+
+    def send(self, job: BatchJob) -> Worker:
+        worker = self.idle.pop()
+        self.running[worker.actor.run.remote(job.settings)] = (job, worker)
+        return worker
+
+    def started(self, ref: ray.ObjectRef) -> str | None:
+        """The worker of `ref` is up and idle; or the reason it could not start."""
+        actor = self.starting.pop(ref)
+        try:
+            self.idle.append(Worker(actor, ray.get(ref)))
+        except WORKER_LOST as error:
+            ray.kill(actor)
+            return f"{type(error).__name__}: {error}"[:500]
+        return None
+
+    def close(self) -> None:
+        """Kill every worker: a running job stops at once (Ctrl-C, or the batch is over)."""
+        actors = [*self.starting.values(), *(w.actor for w in self.idle)]
+        for actor in [*actors, *(worker.actor for _, worker in self.running.values())]:
+            ray.kill(actor)
 
 
 def run_batch(
@@ -110,47 +144,56 @@ def run_batch(
     listener = listener or BatchListener()
     out = Path(out).expanduser()
     result = BatchResult()
+
+    def fail(job: BatchJob, error: str) -> None:
+        failure = {"index": job.index, **job.label(), "error": error}
+        result.failed.append(failure)
+        listener.finished(job, failure, True)
+
     for job in jobs:
         if job.error is not None:
-            failure = {"index": job.index, **job.label(), "error": job.error}
-            result.failed.append(failure)
-            listener.finished(job, failure, True)
+            fail(job, job.error)
     pending = deque(job for job in jobs if job.error is None)
     attempts: dict[int, int] = {}
-    idle = start_workers(min(workers, len(pending)), resources, threads) if pending else []
-    running: dict[ray.ObjectRef, tuple[BatchJob, Worker]] = {}
+    start_failures, start_error = 0, None
+    pool = WorkerPool(resources, threads)
+    pool.start(min(workers, len(pending)))
     try:
-        while pending or running:
-            while pending and idle:
-                job, worker = pending.popleft(), idle.pop()
-                running[worker.actor.run.remote(job.settings)] = (job, worker)
-                listener.started(job, worker.pid)
-            ready, _ = ray.wait(list(running), num_returns=1)
-            job, worker = running.pop(ready[0])
+        while pending or pool.running:
+            while pending and pool.idle:
+                job = pending.popleft()
+                listener.started(job, pool.send(job).pid)
+            if not pool.waiting_on():  # every worker failed to start, more times than retries
+                while pending:
+                    fail(pending.popleft(), f"no worker could start: {start_error}")
+                break
+            ready = ray.wait(pool.waiting_on(), num_returns=1)[0][0]
+            if ready in pool.starting:
+                start_error = pool.started(ready)
+                if start_error is not None and start_failures < retries:
+                    start_failures += 1
+                    pool.start(1)
+                continue
+            job, worker = pool.running.pop(ready)
             try:
-                reply = ray.get(ready[0])
+                reply = ray.get(ready)
             except WORKER_LOST as error:
                 ray.kill(worker.actor)
-                idle.extend(start_workers(1, resources, threads))
+                pool.start(1)
                 attempts[job.index] = attempts.get(job.index, 0) + 1
                 message = f"worker {worker.pid} lost: {type(error).__name__}: {error}"[:500]
-                lost = {"index": job.index, **job.label(), "error": message}
                 if attempts[job.index] <= retries:
-                    result.retried.append(lost)
-                    listener.retrying(job, lost["error"])
+                    result.retried.append({"index": job.index, **job.label(), "error": message})
+                    listener.retrying(job, message)
                     pending.appendleft(job)
                 else:
-                    lost["error"] = f"gave up after {retries} retries; last: {lost['error']}"
-                    result.failed.append(lost)
-                    listener.finished(job, lost, True)
+                    fail(job, f"gave up after {retries} retries; last: {message}")
                 continue
             except RayTaskError as error:  # not a job error the worker knows: still this job's alone
                 reply = {"error": str(error.cause or error)}
-            idle.append(worker)
+            pool.idle.append(worker)
             if "error" in reply:
-                failure = {"index": job.index, **job.label(), "error": reply["error"]}
-                result.failed.append(failure)
-                listener.finished(job, failure, True)
+                fail(job, reply["error"])
                 continue
             asset = {
                 "index": job.index,
@@ -162,11 +205,9 @@ def run_batch(
             result.assets.append(asset)
             listener.finished(job, asset, False)
     except KeyboardInterrupt:
-        for job, _ in running.values():
-            result.cancelled.append({"index": job.index, **job.label()})
-        result.cancelled.extend({"index": job.index, **job.label()} for job in pending)
+        running = [job for job, _ in pool.running.values()]
+        result.cancelled.extend({"index": job.index, **job.label()} for job in [*running, *pending])
     finally:
-        for worker in [*idle, *(worker for _, worker in running.values())]:
-            ray.kill(worker.actor)
+        pool.close()
     result.seconds = time.perf_counter() - start
     return result
