@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,29 @@ def test_the_command_line_joins_a_cluster_and_ends_with_the_batchs_json(ray_addr
     ]
     assert "prompt: must be at most 500 characters" in done.stderr and "Traceback" not in done.stderr
     assert Path(record["grids"]["a red cube"]).is_file() and Path(record["assets"][0]["glb"]).is_file()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to one child process is POSIX")
+def test_ctrl_c_stops_the_running_jobs_and_keeps_the_finished_ones(ray_address, tmp_path: Path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "server", "batch", "--ray", ray_address, "--prompt", "a red cube"]
+    quick = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items()]
+    child = subprocess.Popen(
+        [*command, "--seeds", "0-2", *quick, "--workers", "1", "--out", str(out), "--json"],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (out.is_dir() and asset_folders(out)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)  # the second job has just been sent
+    stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode == 130, stderr[-3000:]
+    record = json.loads(stdout.strip().splitlines()[-1])
+    assert record["assets"] and record["cancelled"], record
+    assert len(record["assets"]) + len(record["cancelled"]) == 3 and not record["failed"]
+    assert [Path(a["out_dir"]) for a in record["assets"]] == asset_folders(out), "kept, and only those"
+    assert not list(out.glob(".*")), "no half-written folder"

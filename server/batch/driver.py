@@ -150,12 +150,23 @@ def run_batch(
         result.failed.append(failure)
         listener.finished(job, failure, True)
 
+    def keep(job: BatchJob, reply: dict) -> None:
+        asset = {
+            "index": job.index,
+            **job.label(),
+            **save_reply(out, reply),
+            "seconds": round(reply["seconds"], 2),
+            "worker": reply["worker"],
+        }
+        result.assets.append(asset)
+        listener.finished(job, asset, False)
+
     for job in jobs:
         if job.error is not None:
             fail(job, job.error)
     pending = deque(job for job in jobs if job.error is None)
     attempts: dict[int, int] = {}
-    start_failures, start_error = 0, None
+    start_failures, start_error, arrived = 0, None, None
     pool = WorkerPool(resources, threads)
     pool.start(min(workers, len(pending)))
     try:
@@ -195,16 +206,13 @@ def run_batch(
             if "error" in reply:
                 fail(job, reply["error"])
                 continue
-            asset = {
-                "index": job.index,
-                **job.label(),
-                **save_reply(out, reply),
-                "seconds": round(reply["seconds"], 2),
-                "worker": reply["worker"],
-            }
-            result.assets.append(asset)
-            listener.finished(job, asset, False)
+            arrived = (job, reply)
+            keep(job, reply)
+            arrived = None
     except KeyboardInterrupt:
+        kept = {asset["index"] for asset in result.assets}
+        if arrived is not None and arrived[0].index not in kept:  # its files were being written: keep it
+            keep(*arrived)
         running = [job for job, _ in pool.running.values()]
         result.cancelled.extend({"index": job.index, **job.label()} for job in [*running, *pending])
     finally:
