@@ -122,6 +122,17 @@ def test_the_command_line_joins_a_cluster_and_ends_with_the_batchs_json(ray_addr
     assert "prompt: must be at most 500 characters" in done.stderr and "Traceback" not in done.stderr
     assert Path(record["grids"]["a red cube"]).is_file() and Path(record["assets"][0]["glb"]).is_file()
 
+    for bad, named in ((["--workers", "0"], "--workers"), (["--seeds", "3-1"], "backwards")):
+        refused = subprocess.run(
+            [*command, *bad, "--out", str(tmp_path / "bad")],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 2 and named in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "bad").exists()
+
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to one child process is POSIX")
 def test_ctrl_c_stops_the_running_jobs_and_keeps_the_finished_ones(ray_address, tmp_path: Path):

@@ -91,6 +91,13 @@ def main(args: argparse.Namespace) -> int:
     if not prompts:
         print("error: no prompts: give --prompt TEXT (repeatable) or --prompts FILE", file=sys.stderr)
         return 2
+    for name, value, low in (("workers", args.workers, 1), ("cpus-per-worker", args.cpus_per_worker, 1)):
+        if value is not None and value < low:
+            print(f"error: --{name} must be at least {low}, got {value}", file=sys.stderr)
+            return 2
+    if args.retries < 0:
+        print(f"error: --retries must be 0 or more, got {args.retries}", file=sys.stderr)
+        return 2
     jobs = batch_jobs(prompts, seeds, job_settings(args))
     if all(job.error is not None for job in jobs):
         print(f"error: {jobs[0].error}", file=sys.stderr)
@@ -107,7 +114,15 @@ def main(args: argparse.Namespace) -> int:
     from server.batch.cluster import connect, default_workers, worker_resources
     from server.batch.driver import run_batch
 
-    connect(args.ray, args.cpus_per_worker)
+    try:
+        connect(args.ray, args.cpus_per_worker)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        print(
+            f"error: cannot reach Ray at {args.ray!r}: {error}; start the cluster's head with "
+            "`ray start --head`, or use --ray auto to run the batch on this machine",
+            file=sys.stderr,
+        )
+        return 2
     bar = JobsBar(len(jobs))
     try:
         workers = args.workers or default_workers(args.cpus_per_worker)
