@@ -4,6 +4,7 @@ written twice, a bad job fails alone, and the command line ends with its JSON li
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -158,3 +159,19 @@ def test_ctrl_c_stops_the_running_jobs_and_keeps_the_finished_ones(ray_address, 
     assert len(record["assets"]) + len(record["cancelled"]) == 3 and not record["failed"]
     assert [Path(a["out_dir"]) for a in record["assets"]] == asset_folders(out), "kept, and only those"
     assert not list(out.glob(".*")), "no half-written folder"
+
+
+def test_the_batch_bench_puts_one_and_two_workers_beside_the_single_job_path(ray_address, tmp_path, capsys):
+    from bench import batch as bench_batch
+
+    parser = argparse.ArgumentParser()
+    bench_batch.add_arguments(parser)
+    quick = ["--jobs", "2", "--steps", "4", "--grid-resolution", "12", "--texture-size", "128"]
+    assert bench_batch.main(parser.parse_args([*quick, "--out", str(tmp_path), "--json"])) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [b["workers"] for b in record["batches"]] == [1, 2]
+    for figures in [record["single"], *record["batches"]]:
+        assert figures["jobs_per_hour"] == pytest.approx(2 / figures["wall_s"] * 3600, rel=0.05)
+    one = record["batches"][0]
+    assert 0 < one["startup_s"] < one["wall_s"] and 0 <= record["overhead_per_job_s"] < one["job_s_mean"]
+    assert [len(asset_folders(tmp_path / name)) for name in ("single", "ray1", "ray2")] == [2, 2, 2]
