@@ -18,6 +18,7 @@ BENCHMARKS = {
     "quality": "SDS vs FSD vs CFD on the shapes prior: IoU, colour error, distinct modes, render diversity",
     "step": "one step's time by stage (shapes prior, SD-2.1-sized prior), CFD vs SDS, peak memory, latency",
     "latency": "submission to first preview on a warm server; preview arrival to display in Blender",
+    "batch": "jobs per hour of `python -m server batch` with 1 vs 2 Ray workers; Ray's overhead per job",
 }
 
 

@@ -46,3 +46,16 @@ def tiny_pixel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from server.testing.tiny import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_pixel"), pixel_space=True)
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray instance of 2 CPUs for the whole session (it takes seconds to start); its address
+    lets a `python -m server batch --ray ADDRESS` child join it as a driver joins a cluster."""
+    import ray
+
+    from server.batch.cluster import connect
+
+    connect("local", threads=1, num_cpus=2)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -12,6 +12,8 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -70,6 +72,21 @@ def render_preview(
     return Image.fromarray((row.numpy() * 255).round().astype(np.uint8))
 
 
+@contextmanager
+def staged_folder(root: Path, name: str) -> Iterator[Path]:
+    """`root/.name.partial` to fill; renamed to `root/name` only when the block completes, removed if
+    it raises, so a reader never sees half an asset."""
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".{name}.partial"
+    staging.mkdir()
+    try:
+        yield staging
+        os.replace(staging, root / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def write_asset(
     spec: JobSpec,
     vertices: torch.Tensor,
@@ -82,11 +99,8 @@ def write_asset(
 ) -> JobResult:
     """Everything is written into a staging folder that is renamed into place only when complete."""
     root = Path(spec.output_dir).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
     name = f"{slug(spec.prompt)}_seed{spec.seed}_{spec.method}_{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
-    staging = root / f".{name}.partial"
-    staging.mkdir()
-    try:
+    with staged_folder(root, name) as staging:
         exported = bake_and_export(
             vertices.numpy(),
             faces.numpy(),
@@ -113,11 +127,7 @@ def write_asset(
             "files": {k: Path(v).name for k, v in exported.items() if isinstance(v, (str, Path))},
         }
         (staging / "job.json").write_text(json.dumps(record, indent=2))
-        final = root / name
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    final = root / name
     glb = final / Path(exported["glb"]).name
     return JobResult(
         final,

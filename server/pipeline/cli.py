@@ -38,10 +38,31 @@ class ProgressBar(Events):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
     parser.add_argument("--variants", type=int, default=1, help="re-roll N seeds (seed, seed+1, ...)")
+    add_job_arguments(parser)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+JOB_KEYS = (
+    "method",
+    "prior",
+    "chain_prior",
+    "chain_at",
+    "steps",
+    "render_size",
+    "grid_resolution",
+    "texture_size",
+    "guidance_scale",
+    "device",
+    "precision",
+)
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The job settings a command line shares with `python -m server batch` (all but prompt and seed)."""
+    parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--method", choices=[m.value for m in Method], default=None)
     parser.add_argument(
         "--prior",
@@ -61,33 +82,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the prior's own")
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def job_settings(args: argparse.Namespace) -> dict:
+    """The settings of `add_job_arguments` that were given, as `JobSpec.from_dict` fields."""
+    settings = {"negative_prompt": args.negative_prompt}
+    settings.update({key: getattr(args, key) for key in JOB_KEYS if getattr(args, key) is not None})
+    return settings
 
 
 def spec_from_args(args: argparse.Namespace, seed: int) -> JobSpec:
-    fields = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "seed": seed,
-        "output_dir": str(args.out),
-    }
-    keys = (
-        "method",
-        "prior",
-        "chain_prior",
-        "chain_at",
-        "steps",
-        "render_size",
-        "grid_resolution",
-        "texture_size",
-        "guidance_scale",
-        "device",
-        "precision",
-    )
-    for key in keys:
-        value = getattr(args, key)
-        if value is not None:
-            fields[key] = value
+    fields = {"prompt": args.prompt, "seed": seed, "output_dir": str(args.out), **job_settings(args)}
     return JobSpec.from_dict(fields)
 
 
