@@ -3,7 +3,7 @@
 Blender starts this as a child process and speaks to it over pipes (no port to configure or
 collide), which is the default. `--listen HOST:PORT` serves one TCP client at a time instead, on
 the loopback interface unless `--allow-remote`, and requires a token in the client's hello.
-One job runs at a time in a worker thread; the reader loop stays responsive for ping and cancel.
+One job runs at a time in a worker thread; the reader loop stays responsive for ping, cancel and finish.
 """
 
 from __future__ import annotations
@@ -147,6 +147,7 @@ class _Job:
     init_mesh: tuple[np.ndarray, np.ndarray] | None
     writer: FrameWriter
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    finish: threading.Event = dataclasses.field(default_factory=threading.Event)
     thread: threading.Thread | None = None
 
     def should_cancel(self) -> bool:
@@ -302,6 +303,8 @@ class Server:
             self._generate(message, writer)
         elif message.type == protocol.CANCEL:
             self._cancel(message.get("job_id"))
+        elif message.type == protocol.FINISH:
+            self._finish(message.get("job_id"))
         else:
             writer.send(
                 protocol.error(
@@ -364,9 +367,21 @@ class Server:
         else:  # it already ended: its done/cancelled/error frame is on its way
             log.info("cancel for %r ignored: no such job is running", job_id)
 
+    def _finish(self, job_id: Any) -> None:
+        """Finish now: the job stops optimising after its current step and delivers its asset."""
+        with self._lock:
+            job = self._job
+        if job is not None and job.job_id == job_id:
+            log.info("finishing job %s now", job_id)
+            job.finish.set()
+        else:  # it already ended: its done/cancelled/error frame is on its way
+            log.info("finish for %r ignored: no such job is running", job_id)
+
     def _run(self, job: _Job) -> None:
         """The worker thread: run the job, turn its outcome into exactly one final frame."""
-        events = JobEvents(job.job_id, job.writer.send, job.spec.preview_max_fps)
+        events = JobEvents(
+            job.job_id, job.writer.send, job.spec.preview_max_fps, should_finish=job.finish.is_set
+        )
         started = time.monotonic()
         try:
             result = self.runner(job.spec, job.init_mesh, events, job.should_cancel)
