@@ -67,6 +67,7 @@ class CFD_PT_generate(bpy.types.Panel):
         col.prop(settings, "quality")
         col.prop(settings, "method")
         col.prop(settings, "guidance_scale")
+        col.prop(settings, "size")
 
         box = layout.box()
         box.prop(settings, "camera_source")
@@ -95,11 +96,12 @@ class CFD_PT_generate(bpy.types.Panel):
 
         if job.busy:
             progress = job.progress
-            text = progress.stage or job.phase.value
+            text = "Finishing" if job.finishing else progress.stage or job.phase.value
             if progress.total:
                 text = f"{text} {progress.step}/{progress.total} · ETA {format_seconds(progress.eta_s)}"
             row = layout.row(align=True)
             row.progress(factor=progress.fraction, type="BAR", text=text)
+            row.operator("cfd.finish_now", text="", icon="CHECKMARK")  # keep it as it is now
             row.operator("cfd.cancel", text="", icon="X")
             if job.server_info:
                 info = job.server_info

@@ -226,7 +226,7 @@ def variants(zip_path: str, out: Path) -> dict:
     first = bpy.data.objects["a wooden toy (seed 7)"]
     assert first.as_pointer() == preview.as_pointer(), "the streaming object becomes the variant"
     assert first.users_collection[0].name == "CFD Variants"
-    assert first.location.x == 2.5 and tuple(first.location.yz) == (0.0, 0.0), "beside the cube at the cursor"
+    assert tuple(first.location) == (2.0, 0.0, 0.0), "beside the cube at the cursor, on the ground"
     assert not overlapping(first), overlapping(first)
     assert first["cfd_prompt"] == "a wooden toy" and first["cfd_seed"] == 7
     assert first["cfd_settings"]["method"] == "CFD" and first["cfd_settings"]["quality"] == "DRAFT"
