@@ -170,7 +170,7 @@ def surface_below(
 ) -> tuple[float, str | None]:
     """The height of the first upward-facing surface of a visible mesh straight below `point`, and
     that mesh's name; the ground plane (z = 0, no object) where there is none. A ray that starts inside
-    a mesh meets its inner side first: that is no surface to rest on."""
+    a mesh meets its underside from within first: no surface to stand on, so the ray goes on."""
     depsgraph = context.evaluated_depsgraph_get()
     origin = Vector(point) + Vector((0.0, 0.0, RAY_LIFT))
     down = Vector((0.0, 0.0, -1.0))
@@ -179,16 +179,14 @@ def surface_below(
         if not hit:
             break
         original = obj.original if obj is not None else None
-        usable = (
-            original is not None
+        if (
+            normal.z > 0.0
+            and original is not None
             and original.type == "MESH"
             and original.visible_get()
             and not original.cfd_rig.is_rig
             and original.name not in ignore
-        )
-        if usable:
-            if normal.z <= 0.0:  # inside a mesh: no surface under the point
-                break
+        ):
             return float(location.z), original.name
         origin = location + down * RAY_LIFT
     return 0.0, None

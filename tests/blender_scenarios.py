@@ -607,9 +607,160 @@ def shapes_prior(zip_path: str, out: Path) -> dict:
     return {"variants": names, "preview_delay_ms": [1e3 * d for d in previews]}
 
 
+def world_vertices(obj) -> np.ndarray:
+    matrix = np.array(obj.matrix_world, dtype=np.float64)
+    return vertices_of(obj).astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def check_resting(obj, size: float, surface: float) -> dict:
+    """Largest dimension `size` within 1 %, lowest vertex on `surface` within 1 mm, origin at the bottom
+    centre of the bounds, upright (no rotation, unit scale)."""
+    points = world_vertices(obj)
+    low, high = points.min(axis=0), points.max(axis=0)
+    largest = float((high - low).max())
+    assert abs(largest - size) <= 0.01 * size, (obj.name, largest, size)
+    assert abs(low[2] - surface) <= 1e-3, (obj.name, low[2], surface)
+    bottom_centre = ((low[0] + high[0]) / 2, (low[1] + high[1]) / 2, low[2])
+    np.testing.assert_allclose(tuple(obj.location), bottom_centre, atol=1e-4)
+    assert tuple(obj.rotation_euler) == (0.0, 0.0, 0.0) and tuple(obj.scale) == (1.0, 1.0, 1.0)
+    return {"largest": largest, "lowest_z": float(low[2])}
+
+
+def datablocks() -> dict[str, set[str]]:
+    return {
+        kind: {d.name for d in getattr(bpy.data, kind)}
+        for kind in ("objects", "meshes", "materials", "images")
+    }
+
+
+def orphans() -> set[str]:
+    return {
+        f"{kind}:{d.name}"
+        for kind in ("meshes", "materials", "images")
+        for d in getattr(bpy.data, kind)
+        if d.users == 0
+    }
+
+
+def placement(zip_path: str, out: Path) -> dict:
+    """Real size on the surface below the cursor (the ground, a raised plane, a box on it), Re-roll at
+    the same size beside it, one undo step per variant, Finish now, and an older server's answer to it."""
+    ctl_module, _ = install(zip_path, out)
+    ctl = ctl_module.get()
+    scene = bpy.context.scene
+    for obj in list(scene.objects):
+        bpy.data.objects.remove(obj)
+    results = {}
+
+    scene.cursor.location = (0.3, -0.2, 2.0)  # in the air above an empty scene: the ground plane z = 0
+    set_panel("a small pot", 1)
+    scene.cfd.size = 1.5
+    assert shown(draw_panels(), "prop", name="size")
+    assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}, ctl.error
+    pot = bpy.data.objects[ctl.last_variant]
+    results["empty_scene"] = check_resting(pot, 1.5, 0.0)
+    np.testing.assert_allclose(tuple(pot.location.xy), (0.3, -0.2), atol=1e-6)
+    assert pot["cfd_size"] == 1.5
+    bpy.data.objects.remove(pot)
+
+    plane_mesh = bpy.data.meshes.new("Table")
+    plane_mesh.from_pydata([(-10, -10, 0), (10, -10, 0), (10, 10, 0), (-10, 10, 0)], [], [(0, 1, 2, 3)])
+    table = bpy.data.objects.new("Table", plane_mesh)
+    table.location = (0.0, 0.0, 0.75)
+    scene.collection.objects.link(table)
+    scene.cursor.location = (0.3, -0.2, 3.0)
+    set_panel("a teapot", 2)
+    scene.cfd.size = 0.8
+    assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}, ctl.error
+    first = bpy.data.objects[ctl.last_variant]
+    results["raised_plane"] = check_resting(first, 0.8, 0.75)
+    scene.cfd.size = 2.0  # Re-roll keeps its variant's size
+    bpy.ops.cfd.reroll(wait=True)
+    second = bpy.data.objects[ctl.last_variant]
+    check_resting(second, 0.8, 0.75)
+    assert second.location.x > first.location.x and abs(second.location.y - first.location.y) < 1e-6
+    for obj in (first, second):
+        assert set(overlapping(obj)) <= {"Table"}, overlapping(obj)  # it touches the table it stands on
+
+    scene.cursor.location = (-3.0, 4.0, 0.75)  # a cursor placed on the table itself
+    set_panel("a cup", 3)
+    scene.cfd.size = 0.5
+    assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}, ctl.error
+    check_resting(bpy.data.objects[ctl.last_variant], 0.5, 0.75)
+
+    assert bpy.ops.mesh.primitive_cube_add(size=1.0, location=(6.0, 6.0, 1.25)) == {"FINISHED"}
+    box = bpy.context.active_object
+    box.name = "Box"
+    scene.cursor.location = (6.0, 6.0, 3.0)  # above a box standing on the table: on the box
+    set_panel("a vase", 4)
+    scene.cfd.size = 0.6
+    bpy.ops.ed.undo_push(message="before the vase")
+    before, orphans_before = datablocks(), orphans()
+    assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}, ctl.error
+    vase = bpy.data.objects[ctl.last_variant]
+    results["on_a_box"] = check_resting(vase, 0.6, 1.75)
+    assert set(overlapping(vase)) <= {"Box"}
+
+    added = {kind: names - before[kind] for kind, names in datablocks().items()}
+    assert all(added[kind] for kind in ("objects", "meshes", "materials", "images")), added
+    bpy.ops.ed.undo()
+    assert datablocks() == before, "one undo removes the variant with its mesh, material and image"
+    assert orphans() == orphans_before, "and leaves no orphan datablocks"
+    results["undo_removed"] = {kind: sorted(names) for kind, names in added.items()}
+
+    # Finish now: the asset as it is, textured and written like a whole job's, job.json naming the step.
+    set_panel("a slow lamp [slow]", 6)
+    assert bpy.ops.cfd.generate() == {"FINISHED"}
+    pump_until(ctl, lambda: ctl.job is not None and ctl.job.preview_step >= 2, what="two previews")
+    running = draw_panels()
+    assert shown(running, "operator", idname="cfd.finish_now") and shown(
+        running, "operator", idname="cfd.cancel"
+    )
+    assert bpy.ops.cfd.finish_now() == {"FINISHED"}
+    assert "Finishing" in shown(draw_panels(), "progress")[0]["text"] and not bpy.ops.cfd.finish_now.poll()
+    pump_until(ctl, lambda: not ctl.busy, what="the finished asset")
+    assert ctl.error is None, ctl.error
+    lamp = bpy.data.objects[ctl.last_variant]
+    assert lamp.name == "a slow lamp [slow] (seed 6)" and lamp.active_material is not None
+    record = json.loads((Path(lamp["cfd_output"]) / "job.json").read_text())
+    assert 2 <= record["stopped_at_step"] < 6, record
+    known = set(bpy.data.objects.keys())
+    assert bpy.ops.import_scene.gltf(filepath=str(Path(lamp["cfd_output"]) / "asset.glb")) == {"FINISHED"}
+    imported = [bpy.data.objects[name] for name in set(bpy.data.objects.keys()) - known]
+    assert any(obj.type == "MESH" and len(obj.data.polygons) > 0 for obj in imported), imported
+    results["finished_at_step"] = record["stopped_at_step"]
+
+    # An older server answers finish with unknown_type: a clear message, and the job runs on to its end.
+    ctl.shutdown()
+    os.environ["BLENDER_CFD_SERVER_ARGS"] = SERVER_ARGS.replace("blender_fake_runner", "blender_old_server")
+    set_panel("an old lamp [slow]", 7)
+    assert bpy.ops.cfd.generate() == {"FINISHED"}
+    pump_until(ctl, lambda: ctl.job is not None and ctl.job.preview_step >= 1, what="a preview")
+    bpy.ops.cfd.finish_now()
+    pump_until(ctl, lambda: ctl.error is not None, what="the old server's answer")
+    assert ctl.error.code == "finish_unsupported" and ctl.busy, ctl.error
+    assert "older than Finish now" in labels(draw_panels())
+    pump_until(ctl, lambda: not ctl.busy, what="the job's own end")
+    old = bpy.data.objects[ctl.last_variant]
+    assert old.name == "an old lamp [slow] (seed 7)"
+    assert json.loads((Path(old["cfd_output"]) / "job.json").read_text())["stopped_at_step"] is None
+    results["old_server_message"] = ctl.error.message
+    return results
+
+
 SCENARIOS = {
     f.__name__: f
-    for f in (variants, inputs, interruptions, pump_timing, environment, remote, blender_crash, shapes_prior)
+    for f in (
+        variants,
+        inputs,
+        interruptions,
+        pump_timing,
+        environment,
+        remote,
+        blender_crash,
+        shapes_prior,
+        placement,
+    )
 }
 
 if __name__ == "__main__":

@@ -363,6 +363,13 @@ def test_a_real_job_on_the_shapes_prior_becomes_a_textured_variant(extension_zip
 
 
 @needs_bpy
+def test_results_stand_at_real_size_on_the_surface_undo_finish_now(extension_zip, tmp_path):
+    result = run_scenario("placement", extension_zip, tmp_path)
+    print(json.dumps(result, indent=2))
+    assert result["raised_plane"]["lowest_z"] == pytest.approx(0.75, abs=1e-3)
+
+
+@needs_bpy
 def test_rig_selected_cameras_and_a_starting_mesh_make_valid_jobs(extension_zip, tmp_path):
     result = run_scenario("inputs", extension_zip, tmp_path)
     assert result["orbit"]["fovy_deg"] == [40.0, 40.0]
