@@ -11,7 +11,7 @@ import bpy
 import numpy as np
 from bpy.props import BoolProperty, StringProperty
 
-from . import jobs, scene_objects, session
+from . import assets, jobs, scene_objects, session
 from .addon import preferences
 
 VARIANT_GAP = 0.5  # scene units between neighbouring variants
@@ -375,6 +375,40 @@ class CFD_OT_select_variant(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class CFD_OT_keep_asset(bpy.types.Operator):
+    """Keep this variant as an asset: its preview, prompt, tags and a "CFD" catalog; with an asset library
+    folder in the preferences, also in its own .blend there, for every project's Asset Browser"""
+
+    bl_idname = "cfd.keep_asset"
+    bl_label = "Keep as Asset"
+    bl_options = {"REGISTER", "UNDO"}  # noqa: RUF012
+
+    name: StringProperty(name="Variant", description="Empty: the active object", options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        obj = context.scene.objects.get(self.name) if self.name else context.active_object
+        if not is_variant(obj):
+            self.report({"ERROR"}, "Select a generated variant to keep (its job makes its asset data)")
+            return {"CANCELLED"}
+        try:
+            written = assets.keep(obj, assets.library_folder())
+        except (OSError, RuntimeError) as error:
+            self.report(
+                {"ERROR"}, f"Cannot write the asset library: {error}. Check the folder in the preferences"
+            )
+            return {"CANCELLED"}
+        where = f" and {written}" if written is not None else " in this file"
+        self.report({"INFO"}, f"Kept {obj.name} as an asset{where}")
+        return {"FINISHED"}
+
+
+def context_menu(self, context) -> None:
+    """The object's context menu (right click in the viewport) offers Keep on a variant."""
+    if is_variant(context.active_object):
+        self.layout.separator()
+        self.layout.operator(CFD_OT_keep_asset.bl_idname, icon="ASSET_MANAGER")
+
+
 class CFD_OT_open_output_folder(bpy.types.Operator):
     """Open the folder finished assets are written to"""
 
@@ -397,6 +431,7 @@ CLASSES = (
     CFD_OT_randomize_seed,
     CFD_OT_add_camera_rig,
     CFD_OT_select_variant,
+    CFD_OT_keep_asset,
     CFD_OT_open_output_folder,
 )
 
@@ -404,8 +439,10 @@ CLASSES = (
 def register() -> None:
     for cls in CLASSES:
         bpy.utils.register_class(cls)
+    bpy.types.VIEW3D_MT_object_context_menu.append(context_menu)
 
 
 def unregister() -> None:
+    bpy.types.VIEW3D_MT_object_context_menu.remove(context_menu)
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

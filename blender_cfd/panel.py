@@ -158,6 +158,8 @@ class CFD_PT_variants(bpy.types.Panel):
             if preview is not None:
                 row.template_icon(icon_value=preview.icon_id, scale=THUMBNAIL_SCALE)
             row.operator("cfd.select_variant", text=variant.name, depress=variant == obj).name = variant.name
+            kept = variant.asset_data is not None
+            row.operator("cfd.keep_asset", text="", icon="ASSET_MANAGER", depress=kept).name = variant.name
         row = layout.row()
         row.label(text=f"{len(variants)} variant{'s' if len(variants) != 1 else ''}")
         row.operator("cfd.open_output_folder", text="", icon="FILE_FOLDER")

@@ -562,12 +562,8 @@ def blender_crash(zip_path: str, out: Path) -> dict:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def shapes_prior(zip_path: str, out: Path) -> dict:
-    """The real generator on the shipped shapes prior (short jobs sent through the session, as
-    Generate sends them): streamed previews, a textured variant from the real GLB, same seed ⇒ same mesh."""
-    ctl_module, _ = install(zip_path, out)
-    os.environ.pop("BLENDER_CFD_SERVER_ARGS")  # the real job runner, not the fake one
-    ctl = ctl_module.get()
+def quick_shapes_job(out: Path, guidance_scale: float) -> dict:
+    """'a red cube', seed 3, on the shipped shapes prior, as the panel builds it; a few quick steps."""
     jobs = sys.modules[f"{MODULE}.blender_cfd.jobs"]
     job = jobs.build_job(
         prompt="a red cube",
@@ -575,7 +571,7 @@ def shapes_prior(zip_path: str, out: Path) -> dict:
         seed=3,
         quality="DRAFT",
         method="CFD",
-        guidance_scale=7.5,
+        guidance_scale=guidance_scale,
         init_shape="SPHERE",
         prior="SHAPES",
         device="CPU",
@@ -583,7 +579,23 @@ def shapes_prior(zip_path: str, out: Path) -> dict:
         output_dir=str(out / "assets"),
         orbit={},
     )
-    job.update(steps=6, grid_resolution=12, render_size=32, texture_size=128, preview_max_fps=30)
+    return {
+        **job,
+        "steps": 6,
+        "grid_resolution": 12,
+        "render_size": 32,
+        "texture_size": 128,
+        "preview_max_fps": 30,
+    }
+
+
+def shapes_prior(zip_path: str, out: Path) -> dict:
+    """The real generator on the shipped shapes prior (short jobs sent through the session, as
+    Generate sends them): streamed previews, a textured variant from the real GLB, same seed ⇒ same mesh."""
+    ctl_module, _ = install(zip_path, out)
+    os.environ.pop("BLENDER_CFD_SERVER_ARGS")  # the real job runner, not the fake one
+    ctl = ctl_module.get()
+    job = quick_shapes_job(out, guidance_scale=7.5)
     names, previews = [], []
     for location in ((0.0, 0.0, 0.0), (2.0, 0.0, 0.0)):
         assert ctl.start(bpy.context, job, location) is not None, ctl.error
@@ -748,6 +760,117 @@ def placement(zip_path: str, out: Path) -> dict:
     return results
 
 
+FRESH_SESSION = """
+import json, sys
+import bpy
+path = sys.argv[1]
+with bpy.data.libraries.load(path, assets_only=True) as (source, target):
+    listed = list(source.objects)
+    target.objects = list(listed)
+obj = target.objects[0]
+image = obj.active_material.node_tree.nodes["Image Texture"].image
+print(json.dumps({
+    "listed": listed,
+    "description": obj.asset_data.description,
+    "catalog_id": obj.asset_data.catalog_id,
+    "tags": sorted(tag.name for tag in obj.asset_data.tags),
+    "texture_packed": image.packed_file is not None,
+    "texture_size": list(image.size),
+    "faces": len(obj.data.polygons),
+    "preview_size": list(obj.preview.image_size),
+}))
+"""
+
+
+def keep_assets(zip_path: str, out: Path) -> dict:
+    """Keep on a real shapes-prior variant: the asset's preview, description, tags and catalog; twice is
+    once; a library folder gets its own .blend that a fresh session lists; then Finish now on a real job."""
+    ctl_module, prefs = install(zip_path, out)
+    os.environ.pop("BLENDER_CFD_SERVER_ARGS")  # the real job runner, not the fake one
+    ctl = ctl_module.get()
+    job = quick_shapes_job(out, guidance_scale=10.0)
+    assert ctl.start(bpy.context, job, (0.0, 0.0, 0.0)) is not None, ctl.error
+    pump_until(ctl, lambda: not ctl.busy, what="the job to finish")
+    assert ctl.error is None, ctl.error
+    cube = bpy.data.objects[ctl.last_variant]
+    check_resting(cube, 1.0, 0.0)
+    results = {}
+
+    bpy.ops.wm.save_as_mainfile(filepath=str(out / "scene.blend"))  # its catalog file goes beside it
+    assert bpy.ops.cfd.keep_asset(name=cube.name) == {"FINISHED"}
+    data = cube.asset_data
+    assert data is not None and data.description == "a red cube"
+    assert sorted(tag.name for tag in data.tags) == ["CFD", "seed 3", "shapes"]
+    catalogs = (out / "blender_assets.cats.txt").read_text()
+    assert f"{data.catalog_id}:CFD/a red cube:CFD-a red cube" in catalogs, catalogs
+    size = tuple(cube.preview.image_size)
+    with Image.open(Path(cube["cfd_output"]) / "preview.png") as strip:
+        first_view = np.asarray(strip.convert("RGBA"), np.float64)[: strip.height, : strip.height] / 255.0
+    assert size == (first_view.shape[1], first_view.shape[0]) and first_view.shape[0] > 32, size
+    pixels = np.array(cube.preview.image_pixels_float[:], np.float64).reshape(size[1], size[0], 4)[::-1]
+    assert np.abs(pixels - first_view).max() < 1.5 / 255, "the preview holds the job's preview pixels"
+    results["preview_size"] = size
+
+    bpy.context.view_layer.objects.active = cube
+    assert bpy.ops.cfd.keep_asset() == {"FINISHED"}  # again, from the active object
+    assert [obj.name for obj in bpy.data.objects if obj.asset_data is not None] == [cube.name]
+    assert len(cube.asset_data.tags) == 3 and (out / "blender_assets.cats.txt").read_text() == catalogs
+    assert shown(draw_panels(), "operator", idname="cfd.keep_asset", depress=True), "the list shows it kept"
+
+    library = out / "library"
+    library.mkdir()
+    theirs = "0d1f0b4e-52a8-4d9a-a3a6-5f3c0d9b1e77:Props/Chairs:Props-Chairs"
+    (library / "blender_assets.cats.txt").write_text(f"# the artist's own\nVERSION 1\n\n{theirs}\n")
+    prefs.asset_library_dir = str(library)
+    assert bpy.ops.cfd.keep_asset(name=cube.name) == {"FINISHED"}
+    files = sorted(p.name for p in library.iterdir())
+    assert files == ["a red cube (seed 3).blend", "blender_assets.cats.txt"], files
+    library_catalogs = (library / "blender_assets.cats.txt").read_text()
+    assert theirs in library_catalogs and "CFD/a red cube:CFD-a red cube" in library_catalogs, (
+        library_catalogs
+    )
+    assert bpy.ops.cfd.keep_asset(name=cube.name) == {"FINISHED"}
+    assert sorted(p.name for p in library.iterdir()) == files, "keeping twice leaves one asset"
+    assert (library / "blender_assets.cats.txt").read_text() == library_catalogs
+    registered = bpy.context.preferences.filepaths.asset_libraries
+    assert [lib.name for lib in registered if Path(lib.path).resolve() == library.resolve()] == ["CFD Assets"]
+
+    fresh = subprocess.run(
+        [sys.executable, "-c", FRESH_SESSION, str(library / files[0])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    listed = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert listed["listed"] == [cube.name] and listed["description"] == "a red cube", listed
+    assert listed["catalog_id"] == data.catalog_id and listed["catalog_id"] in library_catalogs
+    assert listed["texture_packed"] and listed["texture_size"] == [128, 128] and listed["faces"] > 0, listed
+    assert listed["preview_size"] == list(size), listed
+    results["fresh_session"] = listed
+
+    # Finish now on the real generator: job.json names the step, Blender's importer loads the GLB.
+    long = {**job, "seed": 4, "steps": 400}
+    assert ctl.start(bpy.context, long, (3.0, 0.0, 0.0)) is not None, ctl.error
+    pump_until(ctl, lambda: ctl.progress.step >= 2, what="two steps")
+    asked_at = ctl.progress.step
+    ctl.finish_now()
+    pump_until(ctl, lambda: not ctl.busy, what="the finished asset")
+    assert ctl.error is None, ctl.error
+    early = bpy.data.objects[ctl.last_variant]
+    record = json.loads((Path(early["cfd_output"]) / "job.json").read_text())
+    assert asked_at <= record["stopped_at_step"] < 400, (asked_at, record["stopped_at_step"])
+    glb = next(Path(early["cfd_output"]).glob("*.glb"))
+    known = set(bpy.data.objects.keys())
+    assert bpy.ops.import_scene.gltf(filepath=str(glb)) == {"FINISHED"}
+    imported = [bpy.data.objects[name] for name in set(bpy.data.objects.keys()) - known]
+    assert any(obj.type == "MESH" and len(obj.data.polygons) > 0 for obj in imported), imported
+    check_resting(early, 1.0, 0.0)
+    results["finish_now"] = {"asked_at_step": asked_at, "stopped_at_step": record["stopped_at_step"]}
+    assert "torch" not in sys.modules, "Blender's process must never import torch"
+    return results
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
@@ -760,6 +883,7 @@ SCENARIOS = {
         blender_crash,
         shapes_prior,
         placement,
+        keep_assets,
     )
 }
 
