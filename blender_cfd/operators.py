@@ -128,12 +128,13 @@ def result_size(context: bpy.types.Context, variant: bpy.types.Object | None = N
 
 
 def generate_location(context: bpy.types.Context) -> tuple[float, float, float]:
-    """Beside whatever is at the 3D cursor, on the surface below it; straight below the cursor when the
-    scene's own cameras frame it."""
+    """Beside whatever is at the 3D cursor, on the surface below it; centred on the cursor when the
+    scene's own cameras frame it (they look at the cursor, so the result fills what they see)."""
     cursor = tuple(context.scene.cursor.location)
+    size = result_size(context)
     if context.scene.cfd.camera_source == "SELECTED":
-        return (cursor[0], cursor[1], scene_objects.surface_below(context, cursor)[0])
-    return free_spot(context, cursor, result_size(context))
+        return (cursor[0], cursor[1], cursor[2] - size / 2)
+    return free_spot(context, cursor, size)
 
 
 def result_centre(location, size: float) -> tuple[float, float, float]:
