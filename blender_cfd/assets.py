@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import bpy
+from bpy.app.handlers import persistent
 
 from . import asset_catalogs, panel
 from .addon import preferences
@@ -35,7 +36,7 @@ def library_file(library: Path, obj: bpy.types.Object) -> Path:
 
 def catalog_folder(library: Path | None) -> Path | None:
     """Where the catalog file goes: the library folder, else beside the saved .blend (an unsaved file
-    keeps its asset's catalog id, and Blender writes the catalog when the file is saved)."""
+    keeps its asset's catalog id; the catalog is written beside it when it is saved, `_on_save_post`)."""
     if library is not None:
         return library
     return Path(bpy.data.filepath).parent if bpy.data.filepath else None
@@ -55,7 +56,7 @@ def keep(obj: bpy.types.Object, library: Path | None) -> Path | None:
         panel.first_view(obj.preview_ensure(), preview_png)  # the job's own picture: no render needed
     else:  # a remote server's output folder is not on this machine
         obj.asset_generate_preview()
-    path = asset_catalogs.catalog_path(data.description)
+    path = asset_catalogs.catalog_path(str(obj.get("cfd_prompt", "")))
     folder = catalog_folder(library)
     data.catalog_id = (
         asset_catalogs.ensure_catalog(folder, path) if folder else asset_catalogs.catalog_id(path)
@@ -77,6 +78,29 @@ def register_library(folder: Path) -> None:
     bpy.ops.preferences.asset_library_add(directory=str(folder))
     added = next(lib for lib in libraries if Path(lib.path).resolve() == folder.resolve())
     added.name = LIBRARY_NAME
+
+
+@persistent
+def _on_save_post(*_args) -> None:
+    """The catalogs of the variants kept in this file, beside it (created or extended) once it is saved:
+    an unsaved file has nowhere to keep them, and Blender writes only the catalogs it made itself."""
+    folder = Path(bpy.data.filepath).parent if bpy.data.filepath else None
+    kept = {
+        str(obj["cfd_prompt"])
+        for obj in bpy.data.objects
+        if obj.asset_data is not None and "cfd_prompt" in obj
+    }
+    for prompt in sorted(kept) if folder is not None else ():
+        asset_catalogs.ensure_catalog(folder, asset_catalogs.catalog_path(prompt))
+
+
+def register() -> None:
+    bpy.app.handlers.save_post.append(_on_save_post)
+
+
+def unregister() -> None:
+    if _on_save_post in bpy.app.handlers.save_post:
+        bpy.app.handlers.save_post.remove(_on_save_post)
 
 
 def library_folder() -> Path | None:

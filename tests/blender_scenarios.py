@@ -796,8 +796,14 @@ def keep_assets(zip_path: str, out: Path) -> dict:
     check_resting(cube, 1.0, 0.0)
     results = {}
 
+    bpy.context.view_layer.objects.active = cube
+    menu: list = []
+    operators = sys.modules[f"{MODULE}.blender_cfd.operators"]
+    operators.context_menu(SimpleNamespace(layout=RecordingLayout(menu)), bpy.context)
+    assert shown(menu, "operator", idname="cfd.keep_asset"), "the object's context menu offers Keep"
+    assert bpy.ops.cfd.keep_asset(name=cube.name) == {"FINISHED"}  # in an unsaved file
+    assert not list(out.glob("*.cats.txt"))
     bpy.ops.wm.save_as_mainfile(filepath=str(out / "scene.blend"))  # its catalog file goes beside it
-    assert bpy.ops.cfd.keep_asset(name=cube.name) == {"FINISHED"}
     data = cube.asset_data
     assert data is not None and data.description == "a red cube"
     assert sorted(tag.name for tag in data.tags) == ["CFD", "seed 3", "shapes"]
@@ -811,7 +817,6 @@ def keep_assets(zip_path: str, out: Path) -> dict:
     assert np.abs(pixels - first_view).max() < 1.5 / 255, "the preview holds the job's preview pixels"
     results["preview_size"] = size
 
-    bpy.context.view_layer.objects.active = cube
     assert bpy.ops.cfd.keep_asset() == {"FINISHED"}  # again, from the active object
     assert [obj.name for obj in bpy.data.objects if obj.asset_data is not None] == [cube.name]
     assert len(cube.asset_data.tags) == 3 and (out / "blender_assets.cats.txt").read_text() == catalogs
