@@ -149,6 +149,13 @@ class StderrWatcher:
         while chunk := stream.read1(4096) if hasattr(stream, "read1") else stream.read(1):
             self.text += chunk.decode(errors="replace") if isinstance(chunk, bytes) else chunk
 
+    def finish(self, process: subprocess.Popen, timeout: float) -> bytes:
+        """The process's stdout once it exits; stderr stays this watcher's alone (no communicate())."""
+        stdout = process.stdout.read()
+        process.wait(timeout)
+        self._thread.join(10)
+        return stdout
+
     def wait_for_step(self, timeout: float = 300) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -177,7 +184,7 @@ def test_ctrl_c_once_finishes_the_command_line_job_twice_cancels_it(tmp_path: Pa
     process, watcher = start(tmp_path / "finished")
     seen = watcher.wait_for_step()
     process.send_signal(signal.SIGINT)
-    stdout, _ = process.communicate(timeout=300)
+    stdout = watcher.finish(process, timeout=300)
     assert process.returncode == 0, watcher.text[-3000:]
     result = json.loads(stdout.decode().strip().splitlines()[-1])
     assert seen <= result["stopped_at_step"] < 500 and "finished early" in watcher.text
@@ -189,9 +196,9 @@ def test_ctrl_c_once_finishes_the_command_line_job_twice_cancels_it(tmp_path: Pa
     process.send_signal(signal.SIGINT)
     time.sleep(0.3)
     process.send_signal(signal.SIGINT)
-    process.communicate(timeout=120)
+    watcher.finish(process, timeout=120)
     assert process.returncode == 130, watcher.text[-3000:]
-    assert "cancelled" in watcher.text and "Traceback" not in watcher.text
+    assert "seed 5: cancelled, nothing written" in watcher.text and "Traceback" not in watcher.text
     leftovers = list((tmp_path / "cancelled").rglob("*"))
     assert not leftovers, f"a cancelled job leaves nothing: {leftovers}"
 
