@@ -2,15 +2,15 @@
 
 Never imports torch: generation runs in a separate server process (`server/`, shipped beside this
 package) that streams meshes and textures back. The format-only modules (`glb`, `jobs`,
-`camera_rig`, `environment`) import without bpy, so plain pytest can test them; the Blender
+`camera_rig`, `environment`, `asset_catalogs`) import without bpy, so plain pytest can test them; the Blender
 modules are imported in `register()`.
 """
 
 
 def _modules():
-    from . import environment_ui, operators, panel, preferences, props, session
+    from . import assets, environment_ui, operators, panel, preferences, props, session
 
-    return (props, preferences, environment_ui, operators, panel, session)
+    return (props, preferences, environment_ui, operators, panel, session, assets)
 
 
 def register() -> None:

@@ -1,4 +1,4 @@
-"""`bpy.ops.cfd.*`: generate, cancel, re-roll, regenerate, and the helpers around them.
+"""`bpy.ops.cfd.*`: generate, finish now, cancel, re-roll, regenerate, and the helpers around them.
 
 Operators only gather values and call the session with the server; the job starts and returns at once (the
 asset arrives through the pump). `wait=True` blocks until it is done, for scripts under
@@ -11,11 +11,10 @@ import bpy
 import numpy as np
 from bpy.props import BoolProperty, StringProperty
 
-from . import jobs, scene_objects, session
+from . import assets, jobs, scene_objects, session
 from .addon import preferences
 
 VARIANT_GAP = 0.5  # scene units between neighbouring variants
-OBJECT_EXTENT = 1.0  # generated objects live in [-1, 1]^3
 PLACEMENT_SLACK = 1e-4  # scene units: rounding, so that a spot just placed clear of a box stays clear
 
 
@@ -95,41 +94,65 @@ def reference_variant(context: bpy.types.Context) -> bpy.types.Object | None:
     return obj if is_variant(obj) and context.scene.objects.get(obj.name) else None
 
 
-def free_spot(context: bpy.types.Context, start) -> tuple[float, float, float]:
-    """Where a new result goes: `start`, else the nearest spot to its right (+X) where the result's box
-    ([-1, 1]^3 and a gap) overlaps no visible object's bounds, so it is never hidden inside another.
+def free_spot(context: bpy.types.Context, start, size: float) -> tuple[float, float, float]:
+    """Where a new result's bottom centre goes: on the surface below `start`, else the nearest spot to its
+    right (+X) where the result's box (`size` wide and high, plus a gap around it) overlaps no visible
+    object's bounds but those of the surface it rests on, so it is never hidden inside another.
     Generate starts from the 3D cursor, Re-roll and Regenerate from their variant: one rule for all."""
-    half = OBJECT_EXTENT + VARIANT_GAP - PLACEMENT_SLACK  # touching within the slack is not overlapping
+    half = size / 2 + VARIANT_GAP - PLACEMENT_SLACK  # touching within the slack is not overlapping
     boxes = [
-        scene_objects.world_bounds(obj)
+        (obj.name, scene_objects.world_bounds(obj))
         for obj in context.scene.objects
         if obj.type in scene_objects.GEOMETRY_TYPES and obj.visible_get() and not obj.cfd_rig.is_rig
     ]
     spot = np.array(start, dtype=np.float64)
     while True:
-        ends = [high[0] for low, high in boxes if np.all((low < spot + half) & (spot - half < high))]
+        spot[2], support = scene_objects.surface_below(context, (spot[0], spot[1], start[2]))
+        low = spot + np.array([-half, -half, PLACEMENT_SLACK])
+        high = spot + np.array([half, half, size - PLACEMENT_SLACK])
+        ends = [
+            box_high[0]
+            for name, (box_low, box_high) in boxes
+            if name != support and np.all((box_low < high) & (low < box_high))
+        ]
         if not ends:
             return tuple(map(float, spot))
-        spot[0] = max(ends) + OBJECT_EXTENT + VARIANT_GAP  # clear of the rightmost box in the way: x grows
+        spot[0] = max(ends) + size / 2 + VARIANT_GAP  # clear of the rightmost box in the way: x grows
+
+
+def result_size(context: bpy.types.Context, variant: bpy.types.Object | None = None) -> float:
+    """The size a result is made at: its variant's for Re-roll and Regenerate, else the panel's."""
+    if variant is not None and "cfd_size" in variant:
+        return float(variant["cfd_size"])
+    return float(context.scene.cfd.size)
 
 
 def generate_location(context: bpy.types.Context) -> tuple[float, float, float]:
-    """Beside whatever is at the 3D cursor; exactly there when the scene's own cameras frame the cursor."""
-    cursor = context.scene.cursor.location
-    return tuple(cursor) if context.scene.cfd.camera_source == "SELECTED" else free_spot(context, cursor)
+    """Beside whatever is at the 3D cursor, on the surface below it; centred on the cursor when the
+    scene's own cameras frame it (they look at the cursor, so the result fills what they see)."""
+    cursor = tuple(context.scene.cursor.location)
+    size = result_size(context)
+    if context.scene.cfd.camera_source == "SELECTED":
+        return (cursor[0], cursor[1], cursor[2] - size / 2)
+    return free_spot(context, cursor, size)
 
 
-def send_job(operator, context, job: dict, location, mesh=None) -> set[str]:
+def result_centre(location, size: float) -> tuple[float, float, float]:
+    """The centre of the box a result standing on `location` fills: what cameras and views aim at."""
+    return (location[0], location[1], location[2] + size / 2)
+
+
+def send_job(operator, context, job: dict, location, size: float, mesh=None) -> set[str]:
     """Start `job` in the session; with the operator's `wait`, block until its asset is in.
 
     The scene's first result is framed in the 3D views as it starts, so a newcomer watches it grow."""
     ctl = session.get()
     first = not any(is_variant(obj) for obj in context.scene.objects)
-    if ctl.start(context, job, location, mesh) is None:
+    if ctl.start(context, job, location, mesh, size) is None:
         operator.report({"ERROR"}, f"{ctl.error.message}. {ctl.error.fix}")
         return {"CANCELLED"}
     if first and preferences().frame_first_result:
-        scene_objects.frame_in_views(context, location, OBJECT_EXTENT)
+        scene_objects.frame_in_views(context, result_centre(location, size), size / 2)
     if operator.wait:
         ctl.wait()
         if ctl.error is not None:
@@ -173,13 +196,13 @@ class CFD_OT_generate(bpy.types.Operator):
         return _poll_idle(cls, context)
 
     def execute(self, context):
-        location = generate_location(context)
+        location, size = generate_location(context), result_size(context)
         try:
-            job, mesh = job_from_panel(context, location)
+            job, mesh = job_from_panel(context, result_centre(location, size))
         except ValueError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
-        return send_job(self, context, job, location, mesh)
+        return send_job(self, context, job, location, size, mesh)
 
 
 class CFD_OT_reroll(bpy.types.Operator):
@@ -197,20 +220,21 @@ class CFD_OT_reroll(bpy.types.Operator):
 
     def execute(self, context):
         reference = reference_variant(context)
+        size = result_size(context, reference)
         try:
             if reference is not None:
                 job = machine_job(jobs.decode_job(reference["cfd_job"]))
-                location = free_spot(context, reference.location)
+                location = free_spot(context, reference.location, size)
             else:
                 location = generate_location(context)
-                job, _ = job_from_panel(context, location)
+                job, _ = job_from_panel(context, result_centre(location, size))
             job = jobs.with_seed(job, jobs.new_seed(np.random.default_rng(), avoid=job["seed"]))
             mesh = init_mesh(context, job)
         except ValueError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         context.scene.cfd.seed = job["seed"]
-        return send_job(self, context, job, location, mesh)
+        return send_job(self, context, job, location, size, mesh)
 
 
 class CFD_OT_regenerate(bpy.types.Operator):
@@ -238,12 +262,13 @@ class CFD_OT_regenerate(bpy.types.Operator):
         settings.method = job["method"].upper()
         settings.quality = jobs.quality_of(job) or settings.quality
         settings.init_shape = {v: k for k, v in jobs.INIT_SHAPES.items()}.get(job["init_shape"], "SPHERE")
+        settings.size = size = result_size(context, variant)
         try:
             mesh = init_mesh(context, job)
         except ValueError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
-        return send_job(self, context, job, free_spot(context, variant.location), mesh)
+        return send_job(self, context, job, free_spot(context, variant.location, size), size, mesh)
 
 
 class CFD_OT_cancel(bpy.types.Operator):
@@ -258,6 +283,25 @@ class CFD_OT_cancel(bpy.types.Operator):
 
     def execute(self, context):
         session.get().cancel()
+        return {"FINISHED"}
+
+
+class CFD_OT_finish_now(bpy.types.Operator):
+    """Stop optimising now and keep the result: it is textured and delivered like a finished job"""
+
+    bl_idname = "cfd.finish_now"
+    bl_label = "Finish Now"
+
+    @classmethod
+    def poll(cls, context):
+        ctl = session.get()
+        if ctl.finishing:
+            cls.poll_message_set("Finishing: the asset is being baked")
+            return False
+        return ctl.busy and ctl.job is not None and ctl.job.cancel_sent_at is None
+
+    def execute(self, context):
+        session.get().finish_now()
         return {"FINISHED"}
 
 
@@ -332,6 +376,40 @@ class CFD_OT_select_variant(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class CFD_OT_keep_asset(bpy.types.Operator):
+    """Keep this variant as an asset: its preview, prompt, tags and a "CFD" catalog; with an asset library
+    folder in the preferences, also in its own .blend there, for every project's Asset Browser"""
+
+    bl_idname = "cfd.keep_asset"
+    bl_label = "Keep as Asset"
+    bl_options = {"REGISTER", "UNDO"}  # noqa: RUF012
+
+    name: StringProperty(name="Variant", description="Empty: the active object", options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        obj = context.scene.objects.get(self.name) if self.name else context.active_object
+        if not is_variant(obj):
+            self.report({"ERROR"}, "Select a generated variant to keep (its job makes its asset data)")
+            return {"CANCELLED"}
+        try:
+            written = assets.keep(obj, assets.library_folder())
+        except (OSError, RuntimeError) as error:
+            self.report(
+                {"ERROR"}, f"Cannot write the asset library: {error}. Check the folder in the preferences"
+            )
+            return {"CANCELLED"}
+        where = f" and {written}" if written is not None else " in this file"
+        self.report({"INFO"}, f"Kept {obj.name} as an asset{where}")
+        return {"FINISHED"}
+
+
+def context_menu(self, context) -> None:
+    """The object's context menu (right click in the viewport) offers Keep on a variant."""
+    if is_variant(context.active_object):
+        self.layout.separator()
+        self.layout.operator(CFD_OT_keep_asset.bl_idname, icon="ASSET_MANAGER")
+
+
 class CFD_OT_open_output_folder(bpy.types.Operator):
     """Open the folder finished assets are written to"""
 
@@ -348,11 +426,13 @@ CLASSES = (
     CFD_OT_reroll,
     CFD_OT_regenerate,
     CFD_OT_cancel,
+    CFD_OT_finish_now,
     CFD_OT_dismiss_error,
     CFD_OT_stop_server,
     CFD_OT_randomize_seed,
     CFD_OT_add_camera_rig,
     CFD_OT_select_variant,
+    CFD_OT_keep_asset,
     CFD_OT_open_output_folder,
 )
 
@@ -360,8 +440,10 @@ CLASSES = (
 def register() -> None:
     for cls in CLASSES:
         bpy.utils.register_class(cls)
+    bpy.types.VIEW3D_MT_object_context_menu.append(context_menu)
 
 
 def unregister() -> None:
+    bpy.types.VIEW3D_MT_object_context_menu.remove(context_menu)
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

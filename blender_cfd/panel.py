@@ -67,6 +67,7 @@ class CFD_PT_generate(bpy.types.Panel):
         col.prop(settings, "quality")
         col.prop(settings, "method")
         col.prop(settings, "guidance_scale")
+        col.prop(settings, "size")
 
         box = layout.box()
         box.prop(settings, "camera_source")
@@ -95,7 +96,7 @@ class CFD_PT_generate(bpy.types.Panel):
 
         if job.busy:
             progress = job.progress
-            text = progress.stage or job.phase.value
+            text = "Finishing" if job.finishing else progress.stage or job.phase.value
             if progress.queue_position:  # a shared server runs other clients' jobs first
                 ahead = progress.queue_position
                 text = f"Queued: {ahead} job{'s' if ahead != 1 else ''} ahead"
@@ -103,6 +104,7 @@ class CFD_PT_generate(bpy.types.Panel):
                 text = f"{text} {progress.step}/{progress.total} · ETA {format_seconds(progress.eta_s)}"
             row = layout.row(align=True)
             row.progress(factor=progress.fraction, type="BAR", text=text)
+            row.operator("cfd.finish_now", text="", icon="CHECKMARK")  # keep it as it is now
             row.operator("cfd.cancel", text="", icon="X")
             if job.server_info:
                 info = job.server_info
@@ -159,6 +161,8 @@ class CFD_PT_variants(bpy.types.Panel):
             if preview is not None:
                 row.template_icon(icon_value=preview.icon_id, scale=THUMBNAIL_SCALE)
             row.operator("cfd.select_variant", text=variant.name, depress=variant == obj).name = variant.name
+            kept = variant.asset_data is not None
+            row.operator("cfd.keep_asset", text="", icon="ASSET_MANAGER", depress=kept).name = variant.name
         row = layout.row()
         row.label(text=f"{len(variants)} variant{'s' if len(variants) != 1 else ''}")
         row.operator("cfd.open_output_folder", text="", icon="FILE_FOLDER")

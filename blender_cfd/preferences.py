@@ -51,6 +51,14 @@ class CFDPreferences(bpy.types.AddonPreferences):
         description="Where finished assets are written (empty: the extension's user folder)",
         subtype="DIR_PATH",
     )
+    asset_library_dir: StringProperty(
+        name="Asset Library Folder",
+        description=(
+            "Keep also writes each kept variant into its own .blend here and lists the folder among "
+            "Blender's asset libraries, so every project's Asset Browser shows it (empty: the current file)"
+        ),
+        subtype="DIR_PATH",
+    )
     frame_first_result: BoolProperty(
         name="Frame the First Result",
         description="Centre the 3D view on a scene's first generated result, so it is in sight as it grows",
@@ -100,6 +108,7 @@ class CFDPreferences(bpy.types.AddonPreferences):
         row.prop(self, "precision")
         col.prop(self, "output_dir")
         col.label(text=f"Assets go to {self.output_folder()}")
+        col.prop(self, "asset_library_dir")
         col.prop(self, "frame_first_result")
         box = layout.box()
         box.label(text="Remote Server (optional)", icon="URL")

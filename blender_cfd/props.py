@@ -57,6 +57,15 @@ class CFDSettings(bpy.types.PropertyGroup):
     camera_rig: PointerProperty(
         name="Rig", type=bpy.types.Object, poll=_is_rig, description="Orbit rig (none: default ranges)"
     )
+    size: FloatProperty(
+        name="Size",
+        description="The result's largest dimension; it stands on the surface below the 3D cursor",
+        subtype="DISTANCE",
+        unit="LENGTH",
+        min=0.001,
+        soft_max=100.0,
+        default=1.0,
+    )
     init_shape: EnumProperty(name="Start", items=INIT_ITEMS, default="SPHERE")
     init_object: PointerProperty(name="Mesh", type=bpy.types.Object, poll=_is_mesh)
 

@@ -24,6 +24,9 @@ GEOMETRY_TYPES = frozenset({"MESH", "CURVE", "SURFACE", "META", "FONT", "VOLUME"
 FRAME_DISTANCE = 6.0  # view distance per unit of a framed result's half size: it and its neighbours in sight
 PREVIEW_COLOR_ATTRIBUTE = "cfd_preview_color"
 NAME_LIMIT = 63  # bytes in a Blender ID name
+GENERATION_EXTENT = 1.0  # the server's results live in [-1, 1]^3: a streamed preview is scaled from it
+RAY_LIFT = 1e-3  # scene units: a ray starts this far above its point, so a cursor on a surface finds it
+RAY_HITS = 32  # a ray passes at most this many hidden, rig or inside-out hits before it gives up
 
 
 def variant_name(prompt: str, seed: int) -> str:
@@ -137,15 +140,56 @@ def preview_material() -> bpy.types.Material:
 
 
 def create_preview_object(
-    scene: bpy.types.Scene, name: str, location: tuple[float, float, float]
+    scene: bpy.types.Scene, name: str, location: tuple[float, float, float], size: float
 ) -> bpy.types.Object:
-    """An empty mesh object in the variants collection that the stream fills in place."""
+    """An empty mesh object in the variants collection that the stream fills in place: the server's
+    [-1, 1]^3 scaled to the result's size, standing on `location` (the result's bottom centre)."""
     mesh = bpy.data.meshes.new(name)
     mesh.materials.append(preview_material())
     obj = bpy.data.objects.new(name, mesh)
-    obj.location = location
+    half = size / (2 * GENERATION_EXTENT)
+    obj.location = Vector(location) + Vector((0.0, 0.0, GENERATION_EXTENT * half))
+    obj.scale = (half, half, half)
     variants_collection(scene).objects.link(obj)
     return obj
+
+
+def resting_positions(positions: np.ndarray, size: float) -> np.ndarray:
+    """The mesh scaled so its largest dimension is `size`, with its origin at the bottom centre of its
+    bounds: placed at a point of a surface, it stands on it at real size."""
+    low, high = positions.min(axis=0).astype(np.float64), positions.max(axis=0).astype(np.float64)
+    largest = float((high - low).max())
+    if largest <= 0.0:
+        raise ValueError("the result has no extent to scale")
+    bottom_centre = np.array([(low[0] + high[0]) / 2, (low[1] + high[1]) / 2, low[2]])
+    return ((positions - bottom_centre) * (size / largest)).astype(np.float32)
+
+
+def surface_below(
+    context: bpy.types.Context, point, ignore: frozenset[str] = frozenset()
+) -> tuple[float, str | None]:
+    """The height of the first upward-facing surface of a visible mesh straight below `point`, and
+    that mesh's name; the ground plane (z = 0, no object) where there is none. A ray that starts inside
+    a mesh meets its underside from within first: no surface to stand on, so the ray goes on."""
+    depsgraph = context.evaluated_depsgraph_get()
+    origin = Vector(point) + Vector((0.0, 0.0, RAY_LIFT))
+    down = Vector((0.0, 0.0, -1.0))
+    for _ in range(RAY_HITS):
+        hit, location, normal, _index, obj, _matrix = context.scene.ray_cast(depsgraph, origin, down)
+        if not hit:
+            break
+        original = obj.original if obj is not None else None
+        if (
+            normal.z > 0.0
+            and original is not None
+            and original.type == "MESH"
+            and original.visible_get()
+            and not original.cfd_rig.is_rig
+            and original.name not in ignore
+        ):
+            return float(location.z), original.name
+        origin = location + down * RAY_LIFT
+    return 0.0, None
 
 
 def remove_object(obj: bpy.types.Object) -> None:
@@ -193,10 +237,16 @@ def textured_material(name: str, image: bpy.types.Image) -> bpy.types.Material:
     return material
 
 
-def finish_variant(obj: bpy.types.Object, asset: GlbMesh, name: str, properties: dict) -> bpy.types.Object:
-    """Turn the streaming object into the final asset: UV-textured mesh, material, name, properties."""
+def finish_variant(
+    obj: bpy.types.Object, asset: GlbMesh, name: str, properties: dict, location, size: float
+) -> bpy.types.Object:
+    """Turn the streaming object into the final asset: UV-textured mesh, material, name, properties,
+    `size` across its largest dimension, its origin (the bottom centre) at `location`."""
     mesh = obj.data
-    fill_mesh(mesh, asset.positions, asset.faces)
+    fill_mesh(mesh, resting_positions(asset.positions, size), asset.faces)
+    obj.location = location
+    obj.rotation_euler = (0.0, 0.0, 0.0)
+    obj.scale = (1.0, 1.0, 1.0)
     if asset.corner_uvs is not None:
         layer = mesh.uv_layers.new(name="UVMap")
         layer.data.foreach_set("uv", np.ascontiguousarray(asset.corner_uvs, np.float32).ravel())

@@ -38,6 +38,7 @@ CANCEL_TIMEOUT_SECONDS = 15.0  # then the server is killed: a job must not hold 
 CONNECT_TIMEOUT_SECONDS = 5.0
 SERVER_ARGS_ENV = "BLENDER_CFD_SERVER_ARGS"  # development / tests: extra `serve` arguments (a test runner)
 PREVIEW_TEXTURE = "CFD Preview Texture"
+DEFAULT_SIZE = 1.0  # metres across a result's largest dimension (the panel's Size)
 # Error codes whose fix lives in the server's environment: the error box offers "Check Environment".
 ENVIRONMENT_ERRORS = frozenset({"no_environment", "server_exited", protocol.MISSING_WEIGHTS})
 
@@ -79,8 +80,10 @@ class ActiveJob:
     job: dict
     scene: str
     object_name: str
-    location: tuple[float, float, float]
+    location: tuple[float, float, float]  # where the result's bottom centre goes
+    size: float  # its largest dimension, in scene units
     cancel_sent_at: float | None = None
+    finish_sent_at: float | None = None  # "Finish now" was asked: the asset comes as a normal end's
     faces: np.ndarray | None = None  # topology of the last applied preview
     preview_step: int = -1
 
@@ -122,8 +125,10 @@ class Session:
         job: dict,
         location: tuple[float, float, float],
         init_mesh: tuple[np.ndarray, np.ndarray] | None = None,
+        size: float = DEFAULT_SIZE,
     ) -> str | None:
-        """Send a job and create the object it streams into; None (and `error` set) if it cannot start."""
+        """Send a job and create the object it streams into; None (and `error` set) if it cannot start.
+        The result stands on `location` (its bottom centre), `size` across its largest dimension."""
         if self.busy:
             raise RuntimeError("a job is already running")
         self.error = None
@@ -131,8 +136,8 @@ class Session:
         if connection is None:
             return None
         job_id = uuid.uuid4().hex[:16]
-        obj = scene_objects.create_preview_object(context.scene, f"CFD preview {job_id[:6]}", location)
-        self.job = ActiveJob(job_id, job, context.scene.name, obj.name, tuple(location))
+        obj = scene_objects.create_preview_object(context.scene, f"CFD preview {job_id[:6]}", location, size)
+        self.job = ActiveJob(job_id, job, context.scene.name, obj.name, tuple(location), float(size))
         self.progress = Progress(total=int(job.get("steps", 0)), stage="Starting")
         vertices, faces = init_mesh if init_mesh is not None else (None, None)
         try:
@@ -214,6 +219,23 @@ class Session:
         except client.ConnectionClosed as closed:
             self._server_gone(str(closed))
 
+    def finish_now(self) -> None:
+        """Ask the server to stop optimising and deliver the asset as it is now (a normal `done`)."""
+        job = self.job
+        if job is None or job.cancel_sent_at is not None or job.finish_sent_at is not None:
+            return
+        if self.connection is None:
+            return
+        job.finish_sent_at = time.monotonic()
+        try:
+            self.connection.finish(job.job_id)
+        except client.ConnectionClosed as closed:
+            self._server_gone(str(closed))
+
+    @property
+    def finishing(self) -> bool:
+        return self.job is not None and self.job.finish_sent_at is not None
+
     def on_file_load(self) -> None:
         """Another .blend is loading: its objects replace ours, so stop the job without touching them."""
         self.cancel(remove_object=False)
@@ -280,6 +302,14 @@ class Session:
             elif kind == protocol.CANCELLED:
                 self._end_job()
                 return None
+            elif kind == protocol.ERROR and message.get("code") == protocol.UNKNOWN_TYPE and self.finishing:
+                job.finish_sent_at = None  # an older server: the job itself runs on to its end
+                self.error = JobError(
+                    "finish_unsupported",
+                    "This server cannot finish a job early (it is older than Finish now)",
+                    "The job runs to its end, or Cancel it; update the server to the extension's version",
+                    detail=message.get("message", ""),
+                )
             elif kind == protocol.ERROR:
                 self._fail(_message_error(message))
                 return None
@@ -368,10 +398,11 @@ class Session:
         if scene is None:
             return
         obj = self._preview_object() or scene_objects.create_preview_object(
-            scene, "CFD variant", job.location
+            scene, "CFD variant", job.location, job.size
         )
         name = scene_objects.variant_name(job.job["prompt"], job.job["seed"])
-        scene_objects.finish_variant(obj, asset, name, jobs.variant_properties(job.job, out_dir))
+        properties = {**jobs.variant_properties(job.job, out_dir), "cfd_size": job.size}
+        scene_objects.finish_variant(obj, asset, name, properties, job.location, job.size)
         scene_objects.select_only(bpy.context, obj)
         self.last_variant = obj.name
         undo_push(f"CFD: {obj.name}")

@@ -6,7 +6,8 @@ interface unless `--allow-remote` (which wants TLS, `--tls-cert/--tls-key`, or `
 requires a token in the client's hello. Each connection has its own thread: its handshake runs
 under its own deadline and size limits, so a silent or hostile stranger delays nobody and is
 buffered nothing. Jobs of all connections queue for the device in arrival order; one runs at a
-time in a worker thread, and each connection receives only its own jobs' frames.
+time in a worker thread, and each connection receives only its own jobs' frames. The reader loops
+stay responsive for ping, cancel and finish.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ class _Job:
     init_mesh: tuple[np.ndarray, np.ndarray] | None
     writer: FrameWriter  # the connection that sent it: the only one that sees its frames or may cancel it
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    finish: threading.Event = dataclasses.field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     announced: threading.Event = dataclasses.field(default_factory=threading.Event)  # `accepted` was sent
 
@@ -346,6 +348,8 @@ class Server:
             self._generate(message, writer)
         elif message.type == protocol.CANCEL:
             self._cancel(message.get("job_id"), writer)
+        elif message.type == protocol.FINISH:
+            self._finish(message.get("job_id"), writer)
         else:
             writer.send(
                 protocol.error(
@@ -460,10 +464,23 @@ class Server:
         else:  # it already ended (its final frame is on its way), or it is not this client's job
             log.info("cancel for %r ignored: this connection has no such job", job_id)
 
+    def _finish(self, job_id: Any, writer: FrameWriter) -> None:
+        """Finish now: this connection's running job stops optimising after its current step and
+        delivers its asset (a queued job has nothing to deliver yet: it runs when its turn comes)."""
+        with self._lock:
+            job = self._job if self._job is not None and self._job.writer is writer else None
+        if job is not None and job.job_id == job_id:
+            log.info("finishing job %s now", job_id)
+            job.finish.set()
+        else:  # it already ended (its final frame is on its way), or it is not this client's running job
+            log.info("finish for %r ignored: this connection runs no such job", job_id)
+
     def _run(self, job: _Job) -> None:
         """The worker thread: run the job, turn its outcome into exactly one final frame, start the next."""
         job.announced.wait()
-        events = JobEvents(job.job_id, job.writer.send, job.spec.preview_max_fps)
+        events = JobEvents(
+            job.job_id, job.writer.send, job.spec.preview_max_fps, should_finish=job.finish.is_set
+        )
         started = time.monotonic()
         try:
             result = self.runner(job.spec, job.init_mesh, events, job.should_cancel)

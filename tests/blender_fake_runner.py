@@ -7,7 +7,7 @@ over a few steps, so the seed decides the asset: same seed, same GLB. Halfway th
 subdivided once more, so the previews change topology once (the slow path) and keep it otherwise
 (the fast path). Prompt tags: "[50k]" streams 50k-vertex previews, 4 of one topology and then 4
 that change it every step (pump timing); "[slow]" takes 1 s per step (cancel, kill, the GUI
-check); "[oom]" raises MemoryError at step 2.
+check); "[oom]" raises MemoryError at step 2. A `finish` stops the steps and writes the asset early.
 """
 
 from __future__ import annotations
@@ -96,9 +96,13 @@ def run_job(
     delay = SLOW_STEP_SECONDS if "[slow]" in spec.prompt else STEP_SECONDS
     dense = "[50k]" in spec.prompt
     steps = 2 * STEPS_50K_HALF if dense else STEPS
+    stopped_at = None
     for step in range(steps):
         if should_cancel():
             raise Cancelled(step)
+        if emit.finish_requested():  # finish now: the asset as the real job delivers it, early
+            stopped_at = step
+            break
         if "[oom]" in spec.prompt and step == 2:
             raise MemoryError("CUDA out of memory (fake): tried to allocate 2.00 GiB")
         if dense:
@@ -129,7 +133,8 @@ def run_job(
     strip.paste(texture, (0, 0))
     strip.save(preview_png)
     job_json = out_dir / "job.json"
-    job_json.write_text(json.dumps({"job": spec.to_json_dict(), "seed": spec.seed}, indent=2))
+    record = {"job": spec.to_json_dict(), "seed": spec.seed, "stopped_at_step": stopped_at}
+    job_json.write_text(json.dumps(record, indent=2))
     seconds = time.monotonic() - started
     return {
         "glb": str(exported["glb"]),
@@ -138,6 +143,7 @@ def run_job(
         "out_dir": str(out_dir),
         "seconds": seconds,
         "steps_per_second": steps / seconds,
+        "stopped_at_step": stopped_at,
     }
 
 

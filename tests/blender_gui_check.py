@@ -7,7 +7,8 @@ prior, Draft jobs), and runs /work/shared/tools/blender_gui.sh: Debian's Blender
 driven by tests/blender_gui_driver.py. The chroot and this machine share one folder at the same
 path (a bind mount on /tmp/cfdgui), so the asset paths the server reports resolve in Blender too.
 Needs root (chroot, mount); the first run builds the chroot (about 4 minutes). The shots, in the
-factory startup scene: idle, empty prompt, running, first result, variants, server killed.
+factory startup scene: idle, empty prompt, running, first result, variants, the two variants kept
+into an asset library folder and shown in the Asset Browser, server killed.
 
 blender_gui.sh gives the driver 60 seconds; two real Draft jobs beside Blender's software GL take
 about 3 minutes, so the check runs a copy of it that waits up to GUI_WAIT_S (the whole check

@@ -51,12 +51,12 @@ def session():
     return sys.modules[f"{MODULE}.blender_cfd.session"].get()
 
 
-def run_operator(name: str, **options) -> set:
+def run_operator(operator: str, /, **options) -> set:
     window, area = view3d()
     region = next(r for r in area.regions if r.type == "WINDOW")
     with bpy.context.temp_override(window=window, area=area, region=region):
-        result = getattr(bpy.ops.cfd, name)(**options)
-    log(f"cfd.{name} -> {result}; error: {session().error}")
+        result = getattr(bpy.ops.cfd, operator)(**options)
+    log(f"cfd.{operator} -> {result}; error: {session().error}")
     return result
 
 
@@ -110,6 +110,8 @@ def steps():
         bpy.ops.ed.redo()
     yield 0.5
 
+    yield from asset_browser()
+
     settings = bpy.context.scene.cfd  # undo and redo reallocated the scene: fetch it again
     settings.prompt = "a blue torus"
     run_operator("generate")
@@ -120,6 +122,29 @@ def steps():
     shot("6_server_stopped")  # the error box, its buttons readable
     log(f"objects: {sorted(o.name for o in bpy.data.objects)}")
     Path("/shot.request").write_text("done")
+
+
+def asset_browser():
+    """Keep both variants into an asset library folder, then show that library in the Asset Browser."""
+    prefs = bpy.context.preferences.addons[MODULE].preferences
+    prefs.asset_library_dir = str(Path(CONFIG["shots"]).parent / "library")
+    for variant in sorted(o.name for o in bpy.data.objects if "cfd_job" in o):
+        run_operator("keep_asset", name=variant)
+    yield 0.5
+    _, area = view3d()
+    area.ui_type = "ASSETS"
+    yield 1.0  # the browser makes its parameters when it first draws
+    params = area.spaces.active.params
+    try:
+        params.asset_library_reference = "CFD Assets"
+    except TypeError as error:  # an older Blender names libraries differently: the current file's
+        log(f"library 'CFD Assets' not offered ({error}); showing the current file's assets")
+        params.asset_library_reference = "LOCAL"
+    params.display_size = 128 if isinstance(params.display_size, int) else "LARGE"
+    yield 4.0  # the library's .blend files are read and their previews loaded in the background
+    shot("7_asset_browser")
+    area.ui_type = "VIEW_3D"
+    yield 0.5
 
 
 _steps = steps()

@@ -227,7 +227,7 @@ def variants(zip_path: str, out: Path) -> dict:
     first = bpy.data.objects["a wooden toy (seed 7)"]
     assert first.as_pointer() == preview.as_pointer(), "the streaming object becomes the variant"
     assert first.users_collection[0].name == "CFD Variants"
-    assert first.location.x == 2.5 and tuple(first.location.yz) == (0.0, 0.0), "beside the cube at the cursor"
+    assert tuple(first.location) == (2.0, 0.0, 0.0), "beside the cube at the cursor, on the ground"
     assert not overlapping(first), overlapping(first)
     assert first["cfd_prompt"] == "a wooden toy" and first["cfd_seed"] == 7
     assert first["cfd_settings"]["method"] == "CFD" and first["cfd_settings"]["quality"] == "DRAFT"
@@ -630,12 +630,8 @@ def blender_crash(zip_path: str, out: Path) -> dict:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def shapes_prior(zip_path: str, out: Path) -> dict:
-    """The real generator on the shipped shapes prior (short jobs sent through the session, as
-    Generate sends them): streamed previews, a textured variant from the real GLB, same seed ⇒ same mesh."""
-    ctl_module, _ = install(zip_path, out)
-    os.environ.pop("BLENDER_CFD_SERVER_ARGS")  # the real job runner, not the fake one
-    ctl = ctl_module.get()
+def quick_shapes_job(out: Path, guidance_scale: float) -> dict:
+    """'a red cube', seed 3, on the shipped shapes prior, as the panel builds it; a few quick steps."""
     jobs = sys.modules[f"{MODULE}.blender_cfd.jobs"]
     job = jobs.build_job(
         prompt="a red cube",
@@ -643,7 +639,7 @@ def shapes_prior(zip_path: str, out: Path) -> dict:
         seed=3,
         quality="DRAFT",
         method="CFD",
-        guidance_scale=7.5,
+        guidance_scale=guidance_scale,
         init_shape="SPHERE",
         prior="SHAPES",
         device="CPU",
@@ -651,7 +647,23 @@ def shapes_prior(zip_path: str, out: Path) -> dict:
         output_dir=str(out / "assets"),
         orbit={},
     )
-    job.update(steps=6, grid_resolution=12, render_size=32, texture_size=128, preview_max_fps=30)
+    return {
+        **job,
+        "steps": 6,
+        "grid_resolution": 12,
+        "render_size": 32,
+        "texture_size": 128,
+        "preview_max_fps": 30,
+    }
+
+
+def shapes_prior(zip_path: str, out: Path) -> dict:
+    """The real generator on the shipped shapes prior (short jobs sent through the session, as
+    Generate sends them): streamed previews, a textured variant from the real GLB, same seed ⇒ same mesh."""
+    ctl_module, _ = install(zip_path, out)
+    os.environ.pop("BLENDER_CFD_SERVER_ARGS")  # the real job runner, not the fake one
+    ctl = ctl_module.get()
+    job = quick_shapes_job(out, guidance_scale=7.5)
     names, previews = [], []
     for location in ((0.0, 0.0, 0.0), (2.0, 0.0, 0.0)):
         assert ctl.start(bpy.context, job, location) is not None, ctl.error
@@ -675,6 +687,263 @@ def shapes_prior(zip_path: str, out: Path) -> dict:
     return {"variants": names, "preview_delay_ms": [1e3 * d for d in previews]}
 
 
+def world_vertices(obj) -> np.ndarray:
+    matrix = np.array(obj.matrix_world, dtype=np.float64)
+    return vertices_of(obj).astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def check_resting(obj, size: float, surface: float) -> dict:
+    """Largest dimension `size` within 1 %, lowest vertex on `surface` within 1 mm, origin at the bottom
+    centre of the bounds, upright (no rotation, unit scale)."""
+    points = world_vertices(obj)
+    low, high = points.min(axis=0), points.max(axis=0)
+    largest = float((high - low).max())
+    assert abs(largest - size) <= 0.01 * size, (obj.name, largest, size)
+    assert abs(low[2] - surface) <= 1e-3, (obj.name, low[2], surface)
+    bottom_centre = ((low[0] + high[0]) / 2, (low[1] + high[1]) / 2, low[2])
+    np.testing.assert_allclose(tuple(obj.location), bottom_centre, atol=1e-4)
+    assert tuple(obj.rotation_euler) == (0.0, 0.0, 0.0) and tuple(obj.scale) == (1.0, 1.0, 1.0)
+    return {"largest": largest, "lowest_z": float(low[2])}
+
+
+def datablocks() -> dict[str, set[str]]:
+    return {
+        kind: {d.name for d in getattr(bpy.data, kind)}
+        for kind in ("objects", "meshes", "materials", "images")
+    }
+
+
+def orphans() -> set[str]:
+    return {
+        f"{kind}:{d.name}"
+        for kind in ("meshes", "materials", "images")
+        for d in getattr(bpy.data, kind)
+        if d.users == 0
+    }
+
+
+def placement(zip_path: str, out: Path) -> dict:
+    """Real size on the surface below the cursor (the ground, a raised plane, a box on it), Re-roll at
+    the same size beside it, one undo step per variant, Finish now, and an older server's answer to it."""
+    ctl_module, _ = install(zip_path, out)
+    ctl = ctl_module.get()
+    scene = bpy.context.scene
+    for obj in list(scene.objects):
+        bpy.data.objects.remove(obj)
+    results = {}
+
+    scene.cursor.location = (0.3, -0.2, 2.0)  # in the air above an empty scene: the ground plane z = 0
+    set_panel("a small pot", 1)
+    scene.cfd.size = 1.5
+    assert shown(draw_panels(), "prop", name="size")
+    assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}, ctl.error
+    pot = bpy.data.objects[ctl.last_variant]
+    results["empty_scene"] = check_resting(pot, 1.5, 0.0)
+    np.testing.assert_allclose(tuple(pot.location.xy), (0.3, -0.2), atol=1e-6)
+    assert pot["cfd_size"] == 1.5
+    bpy.data.objects.remove(pot)
+
+    plane_mesh = bpy.data.meshes.new("Table")
+    plane_mesh.from_pydata([(-10, -10, 0), (10, -10, 0), (10, 10, 0), (-10, 10, 0)], [], [(0, 1, 2, 3)])
+    table = bpy.data.objects.new("Table", plane_mesh)
+    table.location = (0.0, 0.0, 0.75)
+    scene.collection.objects.link(table)
+    scene.cursor.location = (0.3, -0.2, 3.0)
+    set_panel("a teapot", 2)
+    scene.cfd.size = 0.8
+    assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}, ctl.error
+    first = bpy.data.objects[ctl.last_variant]
+    results["raised_plane"] = check_resting(first, 0.8, 0.75)
+    scene.cfd.size = 2.0  # Re-roll keeps its variant's size
+    bpy.ops.cfd.reroll(wait=True)
+    second = bpy.data.objects[ctl.last_variant]
+    check_resting(second, 0.8, 0.75)
+    assert second.location.x > first.location.x and abs(second.location.y - first.location.y) < 1e-6
+    for obj in (first, second):
+        assert set(overlapping(obj)) <= {"Table"}, overlapping(obj)  # it touches the table it stands on
+
+    scene.cursor.location = (-3.0, 4.0, 0.75)  # a cursor placed on the table itself
+    set_panel("a cup", 3)
+    scene.cfd.size = 0.5
+    assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}, ctl.error
+    check_resting(bpy.data.objects[ctl.last_variant], 0.5, 0.75)
+
+    assert bpy.ops.mesh.primitive_cube_add(size=1.0, location=(6.0, 6.0, 1.25)) == {"FINISHED"}
+    box = bpy.context.active_object
+    box.name = "Box"
+    scene.cursor.location = (6.0, 6.0, 3.0)  # above a box standing on the table: on the box
+    set_panel("a vase", 4)
+    scene.cfd.size = 0.6
+    bpy.ops.ed.undo_push(message="before the vase")
+    before, orphans_before = datablocks(), orphans()
+    assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}, ctl.error
+    vase = bpy.data.objects[ctl.last_variant]
+    results["on_a_box"] = check_resting(vase, 0.6, 1.75)
+    assert set(overlapping(vase)) <= {"Box"}
+
+    added = {kind: names - before[kind] for kind, names in datablocks().items()}
+    assert all(added[kind] for kind in ("objects", "meshes", "materials", "images")), added
+    bpy.ops.ed.undo()
+    assert datablocks() == before, "one undo removes the variant with its mesh, material and image"
+    assert orphans() == orphans_before, "and leaves no orphan datablocks"
+    results["undo_removed"] = {kind: sorted(names) for kind, names in added.items()}
+
+    # Finish now: the asset as it is, textured and written like a whole job's, job.json naming the step.
+    set_panel("a slow lamp [slow]", 6)
+    assert bpy.ops.cfd.generate() == {"FINISHED"}
+    pump_until(ctl, lambda: ctl.job is not None and ctl.job.preview_step >= 2, what="two previews")
+    running = draw_panels()
+    assert shown(running, "operator", idname="cfd.finish_now") and shown(
+        running, "operator", idname="cfd.cancel"
+    )
+    assert bpy.ops.cfd.finish_now() == {"FINISHED"}
+    assert "Finishing" in shown(draw_panels(), "progress")[0]["text"] and not bpy.ops.cfd.finish_now.poll()
+    pump_until(ctl, lambda: not ctl.busy, what="the finished asset")
+    assert ctl.error is None, ctl.error
+    lamp = bpy.data.objects[ctl.last_variant]
+    assert lamp.name == "a slow lamp [slow] (seed 6)" and lamp.active_material is not None
+    record = json.loads((Path(lamp["cfd_output"]) / "job.json").read_text())
+    assert 2 <= record["stopped_at_step"] < 6, record
+    known = set(bpy.data.objects.keys())
+    assert bpy.ops.import_scene.gltf(filepath=str(Path(lamp["cfd_output"]) / "asset.glb")) == {"FINISHED"}
+    imported = [bpy.data.objects[name] for name in set(bpy.data.objects.keys()) - known]
+    assert any(obj.type == "MESH" and len(obj.data.polygons) > 0 for obj in imported), imported
+    results["finished_at_step"] = record["stopped_at_step"]
+
+    # An older server answers finish with unknown_type: a clear message, and the job runs on to its end.
+    ctl.shutdown()
+    os.environ["BLENDER_CFD_SERVER_ARGS"] = SERVER_ARGS.replace("blender_fake_runner", "blender_old_server")
+    set_panel("an old lamp [slow]", 7)
+    assert bpy.ops.cfd.generate() == {"FINISHED"}
+    pump_until(ctl, lambda: ctl.job is not None and ctl.job.preview_step >= 1, what="a preview")
+    bpy.ops.cfd.finish_now()
+    pump_until(ctl, lambda: ctl.error is not None, what="the old server's answer")
+    assert ctl.error.code == "finish_unsupported" and ctl.busy, ctl.error
+    assert "older than Finish now" in labels(draw_panels())
+    pump_until(ctl, lambda: not ctl.busy, what="the job's own end")
+    old = bpy.data.objects[ctl.last_variant]
+    assert old.name == "an old lamp [slow] (seed 7)"
+    assert json.loads((Path(old["cfd_output"]) / "job.json").read_text())["stopped_at_step"] is None
+    results["old_server_message"] = ctl.error.message
+    return results
+
+
+FRESH_SESSION = """
+import json, sys
+import bpy
+path = sys.argv[1]
+with bpy.data.libraries.load(path, assets_only=True) as (source, target):
+    listed = list(source.objects)
+    target.objects = list(listed)
+obj = target.objects[0]
+image = obj.active_material.node_tree.nodes["Image Texture"].image
+print(json.dumps({
+    "listed": listed,
+    "description": obj.asset_data.description,
+    "catalog_id": obj.asset_data.catalog_id,
+    "tags": sorted(tag.name for tag in obj.asset_data.tags),
+    "texture_packed": image.packed_file is not None,
+    "texture_size": list(image.size),
+    "faces": len(obj.data.polygons),
+    "preview_size": list(obj.preview.image_size),
+}))
+"""
+
+
+def keep_assets(zip_path: str, out: Path) -> dict:
+    """Keep on a real shapes-prior variant: the asset's preview, description, tags and catalog; twice is
+    once; a library folder gets its own .blend that a fresh session lists; then Finish now on a real job."""
+    ctl_module, prefs = install(zip_path, out)
+    os.environ.pop("BLENDER_CFD_SERVER_ARGS")  # the real job runner, not the fake one
+    ctl = ctl_module.get()
+    job = quick_shapes_job(out, guidance_scale=10.0)
+    assert ctl.start(bpy.context, job, (0.0, 0.0, 0.0)) is not None, ctl.error
+    pump_until(ctl, lambda: not ctl.busy, what="the job to finish")
+    assert ctl.error is None, ctl.error
+    cube = bpy.data.objects[ctl.last_variant]
+    check_resting(cube, 1.0, 0.0)
+    results = {}
+
+    bpy.context.view_layer.objects.active = cube
+    menu: list = []
+    operators = sys.modules[f"{MODULE}.blender_cfd.operators"]
+    operators.context_menu(SimpleNamespace(layout=RecordingLayout(menu)), bpy.context)
+    assert shown(menu, "operator", idname="cfd.keep_asset"), "the object's context menu offers Keep"
+    assert bpy.ops.cfd.keep_asset(name=cube.name) == {"FINISHED"}  # in an unsaved file
+    assert not list(out.glob("*.cats.txt"))
+    bpy.ops.wm.save_as_mainfile(filepath=str(out / "scene.blend"))  # its catalog file goes beside it
+    data = cube.asset_data
+    assert data is not None and data.description == "a red cube"
+    assert sorted(tag.name for tag in data.tags) == ["CFD", "seed 3", "shapes"]
+    catalogs = (out / "blender_assets.cats.txt").read_text()
+    assert f"{data.catalog_id}:CFD/a red cube:CFD-a red cube" in catalogs, catalogs
+    size = tuple(cube.preview.image_size)
+    with Image.open(Path(cube["cfd_output"]) / "preview.png") as strip:
+        first_view = np.asarray(strip.convert("RGBA"), np.float64)[: strip.height, : strip.height] / 255.0
+    assert size == (first_view.shape[1], first_view.shape[0]) and first_view.shape[0] > 32, size
+    pixels = np.array(cube.preview.image_pixels_float[:], np.float64).reshape(size[1], size[0], 4)[::-1]
+    assert np.abs(pixels - first_view).max() < 1.5 / 255, "the preview holds the job's preview pixels"
+    results["preview_size"] = size
+
+    assert bpy.ops.cfd.keep_asset() == {"FINISHED"}  # again, from the active object
+    assert [obj.name for obj in bpy.data.objects if obj.asset_data is not None] == [cube.name]
+    assert len(cube.asset_data.tags) == 3 and (out / "blender_assets.cats.txt").read_text() == catalogs
+    assert shown(draw_panels(), "operator", idname="cfd.keep_asset", depress=True), "the list shows it kept"
+
+    library = out / "library"
+    library.mkdir()
+    theirs = "0d1f0b4e-52a8-4d9a-a3a6-5f3c0d9b1e77:Props/Chairs:Props-Chairs"
+    (library / "blender_assets.cats.txt").write_text(f"# the artist's own\nVERSION 1\n\n{theirs}\n")
+    prefs.asset_library_dir = str(library)
+    assert bpy.ops.cfd.keep_asset(name=cube.name) == {"FINISHED"}
+    files = sorted(p.name for p in library.iterdir())
+    assert files == ["a red cube (seed 3).blend", "blender_assets.cats.txt"], files
+    library_catalogs = (library / "blender_assets.cats.txt").read_text()
+    assert theirs in library_catalogs and "CFD/a red cube:CFD-a red cube" in library_catalogs, (
+        library_catalogs
+    )
+    assert bpy.ops.cfd.keep_asset(name=cube.name) == {"FINISHED"}
+    assert sorted(p.name for p in library.iterdir()) == files, "keeping twice leaves one asset"
+    assert (library / "blender_assets.cats.txt").read_text() == library_catalogs
+    registered = bpy.context.preferences.filepaths.asset_libraries
+    assert [lib.name for lib in registered if Path(lib.path).resolve() == library.resolve()] == ["CFD Assets"]
+
+    fresh = subprocess.run(
+        [sys.executable, "-c", FRESH_SESSION, str(library / files[0])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    listed = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert listed["listed"] == [cube.name] and listed["description"] == "a red cube", listed
+    assert listed["catalog_id"] == data.catalog_id and listed["catalog_id"] in library_catalogs
+    assert listed["texture_packed"] and listed["texture_size"] == [128, 128] and listed["faces"] > 0, listed
+    assert listed["preview_size"] == list(size), listed
+    results["fresh_session"] = listed
+
+    # Finish now on the real generator: job.json names the step, Blender's importer loads the GLB.
+    long = {**job, "seed": 4, "steps": 400}
+    assert ctl.start(bpy.context, long, (3.0, 0.0, 0.0)) is not None, ctl.error
+    pump_until(ctl, lambda: ctl.progress.step >= 2, what="two steps")
+    asked_at = ctl.progress.step
+    ctl.finish_now()
+    pump_until(ctl, lambda: not ctl.busy, what="the finished asset")
+    assert ctl.error is None, ctl.error
+    early = bpy.data.objects[ctl.last_variant]
+    record = json.loads((Path(early["cfd_output"]) / "job.json").read_text())
+    assert asked_at <= record["stopped_at_step"] < 400, (asked_at, record["stopped_at_step"])
+    glb = next(Path(early["cfd_output"]).glob("*.glb"))
+    known = set(bpy.data.objects.keys())
+    assert bpy.ops.import_scene.gltf(filepath=str(glb)) == {"FINISHED"}
+    imported = [bpy.data.objects[name] for name in set(bpy.data.objects.keys()) - known]
+    assert any(obj.type == "MESH" and len(obj.data.polygons) > 0 for obj in imported), imported
+    check_resting(early, 1.0, 0.0)
+    results["finish_now"] = {"asked_at_step": asked_at, "stopped_at_step": record["stopped_at_step"]}
+    assert "torch" not in sys.modules, "Blender's process must never import torch"
+    return results
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
@@ -687,6 +956,8 @@ SCENARIOS = {
         remote_tls,
         blender_crash,
         shapes_prior,
+        placement,
+        keep_assets,
     )
 }
 

@@ -2,8 +2,9 @@
 
 It has the real job interface but no model: every STEP_SECONDS it reports progress and, when a
 preview is due, a small mesh (an octahedron, or the init mesh, scaled with the step). It honours
-cancellation between steps. A prompt starting with "fail:" raises the named failure, to check
-the server's error mapping end to end. `describe` stands in for the torch probe in the hello.
+cancellation between steps, and a `finish` by stopping there and writing its outputs. A prompt
+starting with "fail:" raises the named failure, to check the server's error mapping end to end.
+`describe` stands in for the torch probe in the hello.
 """
 
 from __future__ import annotations
@@ -48,9 +49,13 @@ def run_job(
         raise FAILURES[spec.prompt]()
     positions, faces = init_mesh if init_mesh is not None else OCTAHEDRON
     started = time.monotonic()
+    stopped_at = None
     for step in range(spec.steps):
         if should_cancel():
             raise Cancelled(step)
+        if emit.finish_requested():
+            stopped_at = step
+            break
         time.sleep(STEP_SECONDS)
         elapsed = time.monotonic() - started
         emit.progress(
@@ -68,7 +73,7 @@ def run_job(
             emit.preview_mesh(step + 1, positions * scale, faces, colors)
     out_dir = Path(spec.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "job.json").write_text(json.dumps(spec.to_json_dict(), indent=2))
+    (out_dir / "job.json").write_text(json.dumps({**spec.to_json_dict(), "stopped_at_step": stopped_at}))
     (out_dir / "fake.glb").write_bytes(b"not a real glb: written by tests/fake_runner.py")
     seconds = time.monotonic() - started
     return {
@@ -78,4 +83,5 @@ def run_job(
         "out_dir": str(out_dir),
         "seconds": seconds,
         "steps_per_second": spec.steps / seconds,
+        "stopped_at_step": stopped_at,
     }

@@ -119,7 +119,7 @@ def test_nothing_blender_side_imports_torch():
     code = (
         "import sys, importlib; sys.modules['bpy'] = None; sys.path.insert(0, 'tests')\n"
         "import conftest; conftest.import_extension()\n"
-        "for m in ['glb', 'jobs', 'camera_rig', 'environment']:\n"
+        "for m in ['glb', 'jobs', 'camera_rig', 'environment', 'asset_catalogs']:\n"
         "    importlib.import_module('blender_cfd_ext.blender_cfd.' + m)\n"
         "for m in ['server.wire.protocol', 'server.wire.client']:\n"
         "    importlib.import_module(m)\n"
@@ -179,6 +179,29 @@ def test_glb_reader_rejects_what_it_cannot_read():
         read_glb(b"not a real glb: written by tests/fake_runner.py")
     with pytest.raises(GlbError, match="truncated"):
         read_glb(b"glTF" + (2).to_bytes(4, "little") + (999).to_bytes(4, "little") + bytes(12))
+
+
+def test_the_catalog_file_is_created_or_extended_never_overwritten(tmp_path):
+    from blender_cfd_ext.blender_cfd import asset_catalogs as cats
+
+    assert cats.catalog_path("  a red:cube / on\\ a  table ") == "CFD/a red-cube - on- a table"
+    assert cats.catalog_path(":/") == "CFD/untitled"
+    file = tmp_path / cats.CATALOG_FILE
+    first = cats.ensure_catalog(tmp_path, "CFD/a red cube")
+    text = file.read_text()
+    assert text.startswith(cats.HEADER) and f"{first}:CFD/a red cube:CFD-a red cube" in text
+    assert cats.read_catalogs(text) == {"CFD": cats.catalog_id("CFD"), "CFD/a red cube": first}
+    assert cats.ensure_catalog(tmp_path, "CFD/a red cube") == first and file.read_text() == text, "once only"
+
+    theirs = (
+        "# the artist's\nVERSION 1\n0d1f0b4e-52a8-4d9a-a3a6-5f3c0d9b1e77:CFD:their CFD\nabc:Props/Chairs:x"
+    )
+    file.write_text(theirs)  # no newline at the end
+    blue = cats.ensure_catalog(tmp_path, "CFD/a blue torus")
+    extended = file.read_text()
+    assert extended.startswith(theirs + "\n") and extended.count("\n") == theirs.count("\n") + 2
+    assert cats.read_catalogs(extended)["CFD"] == "0d1f0b4e-52a8-4d9a-a3a6-5f3c0d9b1e77", "their CFD stays"
+    assert blue == cats.catalog_id("CFD/a blue torus") and not list(tmp_path.glob(".*partial"))
 
 
 def test_every_panel_setting_makes_a_job_the_server_accepts():
@@ -361,6 +384,20 @@ def test_generate_streams_then_rerolls_and_regenerates_variants(extension_zip, t
 def test_a_real_job_on_the_shapes_prior_becomes_a_textured_variant(extension_zip, tmp_path):
     result = run_scenario("shapes_prior", extension_zip, tmp_path)
     assert result["variants"] == ["a red cube (seed 3)", "a red cube (seed 3).001"]
+
+
+@needs_bpy
+def test_results_stand_at_real_size_on_the_surface_undo_finish_now(extension_zip, tmp_path):
+    result = run_scenario("placement", extension_zip, tmp_path)
+    print(json.dumps(result, indent=2))
+    assert result["raised_plane"]["lowest_z"] == pytest.approx(0.75, abs=1e-3)
+
+
+@needs_bpy
+def test_keep_marks_an_asset_and_writes_it_to_the_library_folder(extension_zip, tmp_path):
+    result = run_scenario("keep_assets", extension_zip, tmp_path)
+    print(json.dumps(result, indent=2))
+    assert result["fresh_session"]["listed"] == ["a red cube (seed 3)"]
 
 
 @needs_bpy

@@ -10,8 +10,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import trimesh
 from PIL import Image
 
 from server.job.errors import Cancelled
+from server.job.events import Events
 from server.job.spec import JobSpec
 from server.wire.client import ConnectionClosed, ServerProcess
 
@@ -30,7 +34,7 @@ FINAL = {"done", "cancelled", "error"}
 QUICK = {"steps": 6, "grid_resolution": 12, "texture_size": 128, "render_size": 32, "preview_max_fps": 30}
 
 
-class Recorder:
+class Recorder(Events):
     """Collects what a job reports, as the server's JobEvents would send it."""
 
     def __init__(self):
@@ -111,6 +115,92 @@ def test_cancel_stops_within_a_step(tmp_path: Path):
     with pytest.raises(Cancelled) as caught:
         run_job(spec, None, events, lambda: len(events.updates) >= 3)
     assert caught.value.step == 3 and not any(tmp_path.iterdir())
+
+
+def test_finish_now_at_step_k_delivers_the_whole_asset_and_records_k(tmp_path: Path):
+    from server.pipeline.run import run_job
+
+    class FinishAfterThree(Recorder):
+        def finish_requested(self):
+            return len(self.updates) >= 3
+
+    spec = JobSpec.from_dict({"prompt": "a red cube", "output_dir": str(tmp_path), **QUICK, "steps": 500})
+    events = FinishAfterThree()
+    result = run_job(spec, None, events, lambda: False)
+    assert [u[0] for u in events.updates] == [1, 2, 3], "no step runs after the finish"
+    record = json.loads(result.job_json.read_text())
+    assert record["stopped_at_step"] == 3 == result.stopped_at_step == result.to_dict()["stopped_at_step"]
+    mesh = trimesh.load(result.glb, force="mesh")
+    assert len(mesh.faces) > 0 and mesh.visual.material.baseColorTexture is not None
+    assert result.obj.is_file() and Image.open(result.preview_png).width > 0
+    assert events.textures[-1][3] and events.texture_steps[-1] == 3, "the final texture is the asset's"
+    assert not list(tmp_path.glob(".*partial"))
+
+
+class StderrWatcher:
+    """Reads a process's stderr on a thread (tqdm ends its lines with carriage returns, not newlines)."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.text = ""
+        self._thread = threading.Thread(target=self._read, args=(process.stderr,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        while chunk := stream.read1(4096) if hasattr(stream, "read1") else stream.read(1):
+            self.text += chunk.decode(errors="replace") if isinstance(chunk, bytes) else chunk
+
+    def finish(self, process: subprocess.Popen, timeout: float) -> bytes:
+        """The process's stdout once it exits; stderr stays this watcher's alone (no communicate())."""
+        stdout = process.stdout.read()
+        process.wait(timeout)
+        self._thread.join(10)
+        return stdout
+
+    def wait_for_step(self, timeout: float = 300) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            steps = re.findall(r"\| *(\d+)/500 ", self.text)
+            if steps and int(steps[-1]) >= 1:
+                return int(steps[-1])
+            time.sleep(0.05)
+        raise AssertionError(f"no progress in {timeout} s: {self.text[-2000:]}")
+
+
+def test_ctrl_c_once_finishes_the_command_line_job_twice_cancels_it(tmp_path: Path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "server", "generate", "--prompt", "a red cube", "--seed", "5"]
+    quick = ["--steps", "500", "--grid-resolution", "12", "--render-size", "32", "--texture-size", "128"]
+
+    def start(out: Path) -> tuple[subprocess.Popen, StderrWatcher]:
+        process = subprocess.Popen(
+            [*command, *quick, "--out", str(out)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        return process, StderrWatcher(process)
+
+    process, watcher = start(tmp_path / "finished")
+    seen = watcher.wait_for_step()
+    process.send_signal(signal.SIGINT)
+    stdout = watcher.finish(process, timeout=300)
+    assert process.returncode == 0, watcher.text[-3000:]
+    result = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert seen <= result["stopped_at_step"] < 500 and "finished early" in watcher.text
+    assert json.loads(Path(result["job_json"]).read_text())["stopped_at_step"] == result["stopped_at_step"]
+    assert len(trimesh.load(result["glb"], force="mesh").faces) > 0
+
+    process, watcher = start(tmp_path / "cancelled")
+    watcher.wait_for_step()
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    watcher.finish(process, timeout=120)
+    assert process.returncode == 130, watcher.text[-3000:]
+    assert "seed 5: cancelled, nothing written" in watcher.text and "Traceback" not in watcher.text
+    leftovers = list((tmp_path / "cancelled").rglob("*"))
+    assert not leftovers, f"a cancelled job leaves nothing: {leftovers}"
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from scipy import stats
 
 from bench.prior import sd21_unet_config
 from server.job.errors import MissingWeightsError
+from server.job.events import Events
 from server.job.spec import JobSpec
 from server.priors.mvdream import (
     DEFAULT_SOURCE,
@@ -478,7 +479,7 @@ def test_the_four_views_of_a_group_get_one_surface_attached_noise():
 QUICK = {"steps": 4, "grid_resolution": 12, "texture_size": 128, "render_size": 32, "preview_max_fps": 30}
 
 
-class Recorder:
+class Recorder(Events):
     def progress(self, *args, **kwargs): ...
 
     def preview_due(self):

@@ -73,6 +73,7 @@ ROUND_TRIPS = [
         {"job": {"prompt": "a chair", "seed": 3}},
     ),
     (protocol.cancel("j1"), "cancel", {"job_id": "j1"}),
+    (protocol.finish("j1"), "finish", {"job_id": "j1"}),
     (protocol.shutdown(), "shutdown", {}),
     (protocol.accepted("j1", "/tmp/out/j1"), "accepted", {"job_id": "j1", "out_dir": "/tmp/out/j1"}),
     (

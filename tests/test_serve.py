@@ -353,6 +353,25 @@ def test_transport_busy_cancel_and_reuse(stdio_server: ServerProcess) -> None:
     assert stdio_server.wait_for(FINAL, 5).type == "done"
 
 
+def test_transport_finish_now_delivers_the_asset_at_the_current_step(stdio_server: ServerProcess) -> None:
+    stdio_server.hello(timeout=30)
+    stdio_server.generate("long", job(steps=10_000))
+    stdio_server.wait_for("accepted", 5)
+    seen = stdio_server.wait_for("progress", 5).header["step"]
+    stdio_server.finish("some-other-job")  # not running: ignored, the job carries on
+    stdio_server.wait_for("progress", 5)
+    start = time.monotonic()
+    stdio_server.finish("long")
+    done = stdio_server.wait_for(FINAL, 5)
+    assert done.type == "done" and time.monotonic() - start < 1.0, done.header
+    stopped = done.header["stopped_at_step"]
+    assert seen < stopped < 10_000
+    assert json.loads(Path(done.header["job_json"]).read_text())["stopped_at_step"] == stopped
+    stdio_server.generate("whole", job(steps=2))
+    done = stdio_server.wait_for(FINAL, 5)
+    assert done.type == "done" and done.header["stopped_at_step"] is None
+
+
 def test_transport_bad_settings_and_job_failures_leave_the_server_usable(stdio_server: ServerProcess) -> None:
     stdio_server.hello(timeout=30)
     stdio_server.generate("bad", job(render_size=100))

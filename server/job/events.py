@@ -39,6 +39,10 @@ class Events:
 
     def texture(self, step: int, png: bytes, width: int, height: int, final: bool = False) -> None: ...
 
+    def finish_requested(self) -> bool:
+        """Whether the person asked to finish now: the job stops optimising and delivers its asset."""
+        return False
+
 
 class JobEvents(Events):
     """How a running job talks to the client: the protocol's job messages with the job id filled in.
@@ -46,6 +50,7 @@ class JobEvents(Events):
     `run_job(spec, init_mesh, emit, should_cancel)` receives one of these as `emit`. Calling it
     directly sends a ready frame (bytes) or a header dict (+ arrays, blobs) stamped with the job id.
     Previews cost time to build, so jobs ask `preview_due()` first; it enforces `preview_max_fps`.
+    `finish_requested()` turns true when the client sent `finish` for this job.
     """
 
     def __init__(
@@ -54,8 +59,10 @@ class JobEvents(Events):
         send: Callable[[bytes], object],
         preview_max_fps: float,
         clock: Callable[[], float] = time.monotonic,
+        should_finish: Callable[[], bool] = lambda: False,
     ):
         self.job_id = job_id
+        self._should_finish = should_finish
         self._send = send
         self._min_interval = 1.0 / preview_max_fps
         self._clock = clock
@@ -97,3 +104,6 @@ class JobEvents(Events):
         if not final:
             self._last_preview = self._clock()
         self._send(protocol.texture(self.job_id, step, png, width, height, final))
+
+    def finish_requested(self) -> bool:
+        return self._should_finish()

@@ -42,6 +42,7 @@ class JobResult:
     job_json: Path
     seconds: float
     steps_per_second: float
+    stopped_at_step: int | None = None  # where "finish now" stopped the optimisation; None: every step ran
 
     def to_dict(self) -> dict:
         return {
@@ -52,6 +53,7 @@ class JobResult:
             "out_dir": str(self.out_dir),
             "seconds": round(self.seconds, 2),
             "steps_per_second": round(self.steps_per_second, 3),
+            "stopped_at_step": self.stopped_at_step,
         }
 
 
@@ -96,8 +98,11 @@ def write_asset(
     events: Events,
     start: float,
     atlas: UVAtlas | None = None,
+    stopped_at_step: int | None = None,
 ) -> JobResult:
-    """Everything is written into a staging folder that is renamed into place only when complete."""
+    """Everything is written into a staging folder that is renamed into place only when complete.
+    `stopped_at_step`: the job was finished early after that many steps (recorded in job.json)."""
+    steps_done = spec.steps if stopped_at_step is None else stopped_at_step
     root = Path(spec.output_dir).expanduser()
     name = f"{slug(spec.prompt)}_seed{spec.seed}_{spec.method}_{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
     with staged_folder(root, name) as staging:
@@ -113,12 +118,13 @@ def write_asset(
         )
         texture_png = Path(exported["png"])
         with Image.open(texture_png) as image:
-            events.texture(spec.steps, texture_png.read_bytes(), image.width, image.height, True)
+            events.texture(steps_done, texture_png.read_bytes(), image.width, image.height, True)
         render_preview(vertices.float(), faces, texture).save(staging / "preview.png")
         seconds = time.perf_counter() - start
         record = {
             "job": spec.to_json_dict(),
             "seed": spec.seed,
+            "stopped_at_step": stopped_at_step,
             "seconds": round(seconds, 2),
             "server_version": __version__,
             "python": platform.python_version(),
@@ -136,5 +142,6 @@ def write_asset(
         final / "preview.png",
         final / "job.json",
         seconds,
-        spec.steps / seconds,
+        steps_done / seconds,
+        stopped_at_step,
     )

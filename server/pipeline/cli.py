@@ -2,31 +2,65 @@
 
 Runs one job per seed with a progress bar on stderr; the last line on stdout is JSON with the paths
 of the asset (or, with --variants, of every variant and a labelled grid of their previews).
+Ctrl-C once finishes the running job now (its whole asset is still written, later variants are not
+started); Ctrl-C again cancels it and nothing more is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
 from server.distill.update import Method
-from server.job.errors import JobSpecError, NonFiniteError
+from server.job.errors import Cancelled, JobSpecError, NonFiniteError
 from server.job.events import Events
 from server.job.spec import JobSpec
 from server.pipeline.asset import slug
 from server.pipeline.run import run_job
 
 
+class Interrupts:
+    """Ctrl-C as the panel's two buttons: the first asks to finish now, the second cancels."""
+
+    def __init__(self) -> None:
+        self.finish = threading.Event()
+        self.cancel = threading.Event()
+
+    def handle(self, signum, frame) -> None:
+        if self.finish.is_set():
+            self.cancel.set()
+            print("\ncancelling: nothing more is written", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt  # also stops a bake in progress; its staging folder is removed
+        self.finish.set()
+        print("\nfinishing now: the asset is baked and written (Ctrl-C again cancels)", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Interrupts]:
+        previous = signal.signal(signal.SIGINT, self.handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 class ProgressBar(Events):
-    def __init__(self, label: str, total: int):
+    def __init__(self, label: str, total: int, interrupts: Interrupts | None = None):
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, desc=label, unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.interrupts = interrupts
+
+    def finish_requested(self) -> bool:
+        return self.interrupts is not None and self.interrupts.finish.is_set()
 
     def progress(self, step, total, stage, t, loss, eta_s, elapsed_s) -> None:
         self.bar.update(step - self.bar.n)
@@ -110,6 +144,33 @@ def variant_grid(previews: list[Path], seeds: list[int], path: Path) -> None:
     canvas.save(path)
 
 
+def run_variants(seeds: list[int], specs: list[JobSpec], interrupts: Interrupts) -> tuple[list, list[int]]:
+    """Each seed's job in turn, until every one ran, or Ctrl-C finished or cancelled the current one."""
+    results, done_seeds = [], []
+    for seed, spec in zip(seeds, specs, strict=True):
+        if interrupts.finish.is_set():
+            print(f"seed {seed}: not started (finished early)", file=sys.stderr)
+            continue
+        bar = ProgressBar(f"seed {seed}", spec.steps, interrupts)
+        try:
+            results.append(run_job(spec, None, bar, interrupts.cancel.is_set))
+        except NonFiniteError as error:  # this seed diverged or its shape vanished: the next may not
+            print(
+                f"seed {seed}: error: {error}; try another seed, or a lower --guidance-scale", file=sys.stderr
+            )
+            continue
+        except (Cancelled, KeyboardInterrupt):
+            print(f"seed {seed}: cancelled, nothing written for it", file=sys.stderr)
+            break
+        finally:
+            bar.close()
+        done_seeds.append(seed)
+        stopped = results[-1].stopped_at_step
+        note = "" if stopped is None else f" (finished early at step {stopped} of {spec.steps})"
+        print(f"wrote {results[-1].glb}{note}", file=sys.stderr)
+    return results, done_seeds
+
+
 def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,20 +180,11 @@ def main(args: argparse.Namespace) -> int:
     except JobSpecError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    results, done_seeds = [], []
-    for seed, spec in zip(seeds, specs, strict=True):
-        bar = ProgressBar(f"seed {seed}", spec.steps)
-        try:
-            results.append(run_job(spec, None, bar, lambda: False))
-        except NonFiniteError as error:  # this seed diverged or its shape vanished: the next may not
-            print(
-                f"seed {seed}: error: {error}; try another seed, or a lower --guidance-scale", file=sys.stderr
-            )
-            continue
-        finally:
-            bar.close()
-        done_seeds.append(seed)
-        print(f"wrote {results[-1].glb}", file=sys.stderr)
+    interrupts = Interrupts()
+    with interrupts.installed():
+        results, done_seeds = run_variants(seeds, specs, interrupts)
+    if interrupts.cancel.is_set():
+        return 130  # the shell's code for a job stopped by Ctrl-C
     if not results:
         return 1
     if len(seeds) == 1:

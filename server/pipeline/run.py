@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from server.job.errors import Cancelled
+from server.job.errors import Cancelled, ShapeVanishedError
 from server.job.events import Events
 from server.job.spec import JobSpec
 from server.pipeline.asset import JobResult, write_asset
@@ -31,12 +31,18 @@ def run_job(
     events: Events,
     should_cancel: Callable[[], bool],
 ) -> JobResult:
-    """Optimise, then bake and export. Raises `Cancelled` within one step of `should_cancel()`."""
+    """Optimise, then bake and export. Raises `Cancelled` within one step of `should_cancel()`; when
+    `events.finish_requested()` turns true it stops optimising after the current step and delivers the
+    whole asset all the same, its job.json naming the step it stopped at."""
     start = time.perf_counter()
     state = start_job(spec, init_mesh)
+    stopped_at = None
     for step in range(spec.steps):
         if should_cancel():
             raise Cancelled(step)
+        if events.finish_requested():
+            stopped_at = step
+            break
         outcome = optimisation_step(state, step)
         if outcome.texture_png is not None:
             events.texture(step + 1, outcome.texture_png, spec.texture_size, spec.texture_size)
@@ -56,9 +62,19 @@ def run_job(
             )
 
     if should_cancel():
-        raise Cancelled(spec.steps)
+        raise Cancelled(spec.steps if stopped_at is None else stopped_at)
     with torch.no_grad():
         mesh = state.geometry()
+    if len(mesh.faces) == 0:
+        raise ShapeVanishedError(f"the shape vanished by step {stopped_at}: there is nothing to finish")
     return write_asset(
-        spec, mesh.vertices.cpu(), mesh.faces.cpu(), state.color_fn, state.texture, events, start, state.atlas
+        spec,
+        mesh.vertices.cpu(),
+        mesh.faces.cpu(),
+        state.color_fn,
+        state.texture,
+        events,
+        start,
+        state.atlas,
+        stopped_at_step=stopped_at,
     )

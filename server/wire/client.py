@@ -179,6 +179,10 @@ class Connection:
     def cancel(self, job_id: str) -> None:
         self.send(protocol.cancel(job_id))
 
+    def finish(self, job_id: str) -> None:
+        """Stop the job's optimisation now and still get its whole asset (a `done` frame)."""
+        self.send(protocol.finish(job_id))
+
     def shutdown(self) -> None:
         self.send(protocol.shutdown())
 

@@ -43,8 +43,9 @@ HELLO = "hello"
 PING = "ping"
 GENERATE = "generate"
 CANCEL = "cancel"
+FINISH = "finish"  # stop optimising now and deliver the asset as a normal end does
 SHUTDOWN = "shutdown"
-CLIENT_MESSAGES = frozenset({HELLO, PING, GENERATE, CANCEL, SHUTDOWN})
+CLIENT_MESSAGES = frozenset({HELLO, PING, GENERATE, CANCEL, FINISH, SHUTDOWN})
 
 # Message types, server -> client (plus HELLO).
 PONG = "pong"
@@ -460,6 +461,13 @@ def cancel(job_id: str) -> bytes:
     return encode_frame({"type": CANCEL, "job_id": job_id})
 
 
+def finish(job_id: str) -> bytes:
+    """Finish the job now: stop the optimisation after the current step, then bake and deliver the
+    whole asset (its `done` carries `stopped_at_step`). A server older than this message answers
+    with an `unknown_type` error naming "finish"; the job then runs on to its end."""
+    return encode_frame({"type": FINISH, "job_id": job_id})
+
+
 def shutdown() -> bytes:
     return encode_frame({"type": SHUTDOWN})
 
@@ -541,6 +549,8 @@ def done(
     """The job finished; paths are absolute paths on the server's machine.
 
     `glb_bytes`, the asset itself as blob "glb", lets a client on another machine (TCP) keep it.
+    `extra` carries the job's other fields, e.g. `stopped_at_step` (the step a `finish` stopped it at,
+    null when it ran every step).
     """
     blobs = {"glb": (glb_bytes, "model/gltf-binary")} if glb_bytes is not None else None
     return encode_frame(
