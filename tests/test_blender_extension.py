@@ -363,6 +363,20 @@ def test_a_real_job_on_the_shapes_prior_becomes_a_textured_variant(extension_zip
 
 
 @needs_bpy
+def test_the_panel_follows_the_priors_profile(extension_zip, tmp_path):
+    from server.job.spec import JobSpec
+
+    result = run_scenario("prior_defaults", extension_zip, tmp_path)
+    default = JobSpec.from_dict(result["default_job"])
+    assert default.guidance_scale is None and default.profile_name == "sd"
+    profile = default.resolved_profile()
+    assert [s.guidance_scale for s in profile.stages] == [70.0, 50.0, 50.0]
+    assert [s.render_size for s in profile.stages] == [((0.0, 64), (0.2, 128)), ((0.0, 256),), ((0.0, 256),)]
+    assert (default.steps, default.negative_prompt) == (1200, "")  # empty: each stage's own negative
+    assert JobSpec.from_dict(result["override_job"]).guidance_scale == 12.0
+
+
+@needs_bpy
 def test_rig_selected_cameras_and_a_starting_mesh_make_valid_jobs(extension_zip, tmp_path):
     result = run_scenario("inputs", extension_zip, tmp_path)
     assert result["orbit"]["fovy_deg"] == [40.0, 40.0]
