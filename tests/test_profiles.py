@@ -308,3 +308,41 @@ def test_job_json_records_the_resolved_stages(tmp_path, tiny_sd_dir):
     ]
     assert stages[2]["guidance_scale"] == 20.0 and stages[1]["method"] == "sds" and stages[0]["source"] == SD1
     assert JobSpec.from_dict(record["job"]).profile_overrides == overrides
+
+
+@pytest.mark.parametrize("render_size", [256, 512])
+def test_the_hash_grid_is_sized_to_the_renders_so_its_finest_level_sees_whole_pixels(render_size: int):
+    """The CUDA colour field's code path, on whatever device runs the tests: one render's gradient
+    reaches each finest-level entry from about a pixel or more, where the fixed 2048 level spread it
+    over many entries that each saw a fraction of a pixel (and Adam turned those into full steps)."""
+    import math
+
+    import torch
+    import trimesh
+
+    from server.geometry.texture_field import TextureField
+    from server.pipeline.setup import texture_field
+    from server.render.cameras import orbit_c2w
+    from server.render.mesh import render_mesh
+
+    device = torch.device("cpu")
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.5)
+    vertices = torch.tensor(sphere.vertices, dtype=torch.float32)
+    faces = torch.tensor(sphere.faces, dtype=torch.long)
+    c2w = torch.from_numpy(orbit_c2w(20.0, 30.0, 2.4)).float()[None]
+
+    def pixels_per_finest_entry(field: TextureField) -> float:
+        """How many pixels train each finest-level entry they reach, on average (8 corners a pixel)."""
+        view = render_mesh(
+            vertices, faces, c2w, torch.tensor([math.radians(40.0)]), render_size, color_fn=field
+        )
+        view.rgb.sum().backward()
+        touched = (field.encoding.table.grad[-1].abs().sum(-1) > 0).sum().item()
+        return 8 * view.mask.sum().item() / touched
+
+    sized = texture_field(render_size, device, "hash")
+    assert abs(sized.encoding.resolutions[-1].item() - render_size) <= 1  # the levels grow geometrically
+    fixed = TextureField(encoding="hash", encoding_options={"finest_resolution": 2048}, device=device)
+    sized_pixels, fixed_pixels = pixels_per_finest_entry(sized), pixels_per_finest_entry(fixed)
+    # Measured: 3.5 and 3.9 pixels an entry at 256 and 512 px, against 1.1 and 1.6 for the 2048 level.
+    assert sized_pixels >= 3.0 and sized_pixels > 2.0 * fixed_pixels

@@ -16,6 +16,7 @@ from server.geometry.dmtet import DMTet
 from server.geometry.sdf_volume import SDFVolume
 from server.geometry.tetgrid import kuhn_grid
 from server.geometry.texture_field import (
+    Encoding,
     TextureField,
     default_encoding,
     hash_grid_resolution,
@@ -299,10 +300,11 @@ class JobState:
             return self.texture(torch.from_numpy(points).float().to(self.device)).cpu().numpy()
 
 
-def texture_field(render_size: int, device: torch.device) -> TextureField:
+def texture_field(render_size: int, device: torch.device, encoding: Encoding | None = None) -> TextureField:
     """The colour field for renders of `render_size`: its finest level no finer than they are
-    (`triplane_resolutions`, `hash_grid_resolution`), so every fine texel is trained by whole pixels."""
-    encoding = default_encoding(device)
+    (`triplane_resolutions`, `hash_grid_resolution`), so every fine texel is trained by whole pixels.
+    `encoding`: the device's default (hash grid on CUDA, triplanes elsewhere) unless named."""
+    encoding = encoding or default_encoding(device)
     if encoding == "triplane":
         options = {"resolutions": triplane_resolutions(render_size)}
     else:
