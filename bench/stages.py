@@ -41,6 +41,9 @@ class StageFigures:
     steps: int = 0
     seconds_per_step: float = 0.0  # the median step (the first of a stage warms caches and kernels)
     step_seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(
+        default_factory=list
+    )  # the process's CPU time: without a busy neighbour's
     render_sizes: list[int] = field(default_factory=list)  # what the prior was shown, per step
     latent_shape: list[int] = field(default_factory=list)
     timesteps: list[int] = field(default_factory=list)
@@ -109,11 +112,12 @@ def run_stages(spec: JobSpec, prior: Prior) -> list[StageFigures]:
             if step == run.start and run.settings.representation == "dmtet":
                 with torch.no_grad():
                     figure.faces_at_start = len(state.geometry().faces)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             outcome = optimisation_step(state, step)
             if state.device.type == "cuda":
                 torch.cuda.synchronize(state.device)
             figure.step_seconds.append(round(time.perf_counter() - start, 3))
+            figure.cpu_seconds.append(round(time.process_time() - start_cpu, 3))
             figure.steps += 1
             figure.render_sizes.append(int(shown[-1][0]))
             figure.latent_shape = [int(v) for v in shown[-1][1:]]
@@ -165,7 +169,8 @@ def main(args: argparse.Namespace) -> int:
     total = time.perf_counter() - start
     for f in figures:
         print(
-            f"{f.name:9s} {f.steps} steps  {f.seconds_per_step:7.1f} s/step  renders {f.render_sizes}  "
+            f"{f.name:9s} {f.steps} steps  {f.seconds_per_step:7.1f} s/step (CPU {f.cpu_seconds} s)  "
+            f"renders {f.render_sizes}  "
             f"latents {f.latent_shape}  t {f.timesteps}  faces at start {f.faces_at_start}  finite {f.finite}"
         )
     result = {

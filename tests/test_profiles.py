@@ -346,3 +346,29 @@ def test_the_hash_grid_is_sized_to_the_renders_so_its_finest_level_sees_whole_pi
     sized_pixels, fixed_pixels = pixels_per_finest_entry(sized), pixels_per_finest_entry(fixed)
     # Measured: 3.5 and 3.9 pixels an entry at 256 and 512 px, against 1.1 and 1.6 for the 2048 level.
     assert sized_pixels >= 3.0 and sized_pixels > 2.0 * fixed_pixels
+
+
+def test_the_command_line_names_a_profile_and_overrides_settings():
+    import argparse
+
+    from server.pipeline.cli import add_arguments, spec_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = [
+        "--prompt",
+        "a cat",
+        "--prior",
+        "mvdream",
+        "--profile",
+        "mvdream+sd",
+        "--override",
+        "texture.gamma=[[0,0]]",
+    ]
+    args = parser.parse_args([*argv, "--override", "coarse.negative_prompt=blurry"])
+    profile = spec_from_args(args, seed=1).resolved_profile()
+    assert profile.name == "mvdream+sd" and profile.stage("texture").gamma == ((0.0, 0.0),)
+    assert profile.stage("coarse").negative_prompt == "blurry"  # not JSON: taken as text
+    with pytest.raises(JobSpecError) as refused:
+        spec_from_args(parser.parse_args([*argv, "--override", "grid_resolution"]), seed=1)
+    assert "SETTING=VALUE" in str(refused.value)

@@ -351,8 +351,15 @@ def resolve_profile(name: str, overrides: dict[str, Any] | None = None) -> Profi
     for key, value in overrides.items():
         field_name = f"profile_overrides.{key}"
         if key not in allowed:
-            known = ", ".join(allowed)
-            raise JobSpecError(field_name, f"unknown setting of profile {name!r}; known: {known}")
+            stage_names = ", ".join(stages)
+            settings = ", ".join(
+                key.split(".", 1)[1] for key in allowed if key.startswith(f"{profile.stages[0].name}.")
+            )
+            raise JobSpecError(
+                field_name,
+                f"unknown setting of profile {name!r}; known: grid_resolution, or <stage>.<setting> with "
+                f"stages {stage_names} and settings {settings}",
+            )
         if key == "grid_resolution":
             grid = _check(field_name, "grid_resolution", value)
             continue

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
@@ -58,7 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--render-size", type=int, default=None)
     parser.add_argument("--grid-resolution", type=int, default=None, help="DMTet cells per axis (default 32)")
     parser.add_argument("--texture-size", type=int, default=None)
-    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the prior's own")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the profile's")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="pipeline profile: shapes, sd, mvdream, mvdream+sd (default: the prior's own)",
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="SETTING=JSON",
+        help='one profile setting, e.g. texture.guidance_scale=30 or geometry.render_size="[[0,512]]"',
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -88,7 +101,22 @@ def spec_from_args(args: argparse.Namespace, seed: int) -> JobSpec:
         value = getattr(args, key)
         if value is not None:
             fields[key] = value
+    if args.profile is not None:
+        fields["profile"] = args.profile
+    if args.override:
+        fields["profile_overrides"] = dict(profile_override(text) for text in args.override)
     return JobSpec.from_dict(fields)
+
+
+def profile_override(text: str) -> tuple[str, Any]:
+    """ "texture.guidance_scale=30" -> ("texture.guidance_scale", 30): the value is JSON, else a string."""
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise JobSpecError("profile_overrides", f"--override takes SETTING=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 def variant_grid(previews: list[Path], seeds: list[int], path: Path) -> None:
