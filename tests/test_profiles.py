@@ -372,3 +372,38 @@ def test_the_command_line_names_a_profile_and_overrides_settings():
     with pytest.raises(JobSpecError) as refused:
         spec_from_args(parser.parse_args([*argv, "--override", "grid_resolution"]), seed=1)
     assert "SETTING=VALUE" in str(refused.value)
+
+
+def test_mvdream_forms_the_shape_then_sds_stages_take_over(tmp_path, tiny_sd_dir, monkeypatch):
+    """The reference's default pipeline: MVDream's coarse stage on groups of 4 views (standard CFG,
+    w = 1), then Stable Diffusion's geometry and texture stages on single views (threestudio's CFG,
+    w = sigma/alpha). A local MVDream folder is recognised by its files, whatever it is called."""
+    from server.pipeline.setup import start_job
+    from server.pipeline.step import optimisation_step
+    from server.priors import MVDreamPrior
+    from server.testing.tiny import build_tiny_mvdream
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, _ = build_tiny_mvdream(tmp_path / "multiview")
+    overrides = {
+        "grid_resolution": 12,
+        "coarse.render_size": [[0, 32]],
+        "geometry.render_size": [[0, 64]],
+        "texture.render_size": [[0, 64]],
+        "coarse.until": 0.5,
+        "geometry.until": 0.7,
+    }
+    job = {"prompt": "a red cube", "prior": str(folder), "chain_prior": str(tiny_sd_dir), "steps": 6}
+    spec = JobSpec.from_dict({**job, "texture_size": 128, "profile_overrides": overrides})
+    assert spec.profile_name == "mvdream+sd"
+    state = start_job(spec, None)
+    assert [(r.start, r.end) for r in state.runs] == [(0, 3), (3, 4), (4, 6)]
+    assert [type(s.prior) is MVDreamPrior for s in state.stages] == [True, False, False]
+    assert [s.guidance_scale for s in state.stages] == [50.0, 50.0, 50.0]
+    batches = []
+    for prior in {id(s.prior): s.prior for s in state.stages}.values():  # SD's two stages share one
+        Recorder(prior).images = batches
+    for step in range(spec.steps):
+        optimisation_step(state, step)
+    assert [len(images) for images in batches] == [4, 4, 4, 1, 1, 1]
+    assert [tuple(images.shape[1:3]) for images in batches] == [(32, 32)] * 3 + [(64, 64)] * 3

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from .errors import JobSpecError
+from .prior_kind import local_mvdream
 
 SD_REFERENCE_MODEL = "stabilityai/stable-diffusion-2-1-base"
 REPOSITORY = "runjie-yan/ConsistentFlowDistillation"
@@ -326,8 +327,9 @@ def default_profile_name(prior: str, chain_prior: str | None = None) -> str:
 
 
 def _looks_like_mvdream(prior: str) -> bool:
-    # The same rule the server's `is_mvdream` applies first (the name); stdlib only.
-    return "mvdream" in prior.lower()
+    # `server.priors.mvdream.is_mvdream` without the hub cache: a hub id goes by its name.
+    local = local_mvdream(prior)
+    return "mvdream" in prior.lower() if local is None else local
 
 
 def override_keys(profile: Profile) -> list[str]:
