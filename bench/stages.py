@@ -22,6 +22,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -92,8 +93,9 @@ def stage_job(
     )
 
 
-def run_stages(spec: JobSpec, prior: Prior) -> list[StageFigures]:
-    """Run `spec` on `prior` step by step; figures per stage (the prior is spied on, not replaced)."""
+def run_stages(spec: JobSpec, prior: Prior, log: Callable[[str], None] | None = None) -> list[StageFigures]:
+    """Run `spec` on `prior` step by step; figures per stage (the prior is spied on, not replaced).
+    `log` gets a line after every step (a long CPU run shows where it is)."""
     state = start_job(spec, None, prior=prior)
     shown: list[torch.Tensor] = []
     encode = prior.encode_images
@@ -122,6 +124,12 @@ def run_stages(spec: JobSpec, prior: Prior) -> list[StageFigures]:
             figure.render_sizes.append(int(shown[-1][0]))
             figure.latent_shape = [int(v) for v in shown[-1][1:]]
             figure.timesteps.append(int(outcome.t))
+            if log is not None:
+                log(
+                    f"step {step + 1}/{spec.steps} ({figure.name}): {figure.step_seconds[-1]:.1f} s, "
+                    f"CPU {figure.cpu_seconds[-1]:.1f} s, render {figure.render_sizes[-1]}, "
+                    f"t {figure.timesteps[-1]}, peak RSS {peak_rss_mb():.0f} MB"
+                )
             figure.finite = figure.finite and bool(torch.isfinite(torch.tensor(outcome.loss)))
     finally:
         prior.encode_images = encode
@@ -165,7 +173,7 @@ def main(args: argparse.Namespace) -> int:
     sizes = {name: parameter_count(getattr(prior, name)) for name in ("unet", "vae", "text_encoder")}
     print(f"SD 2.1-base, random weights: {sizes} parameters, built in {build:.0f} s", flush=True)
     start = time.perf_counter()
-    figures = run_stages(spec, prior)
+    figures = run_stages(spec, prior, log=lambda line: print(line, flush=True))
     total = time.perf_counter() - start
     for f in figures:
         print(
