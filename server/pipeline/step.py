@@ -17,6 +17,7 @@ from server.pipeline.asset import TARGET_FACES
 from server.pipeline.export import png_bytes, prepare_atlas
 from server.pipeline.setup import JobState, PriorStage, StageRun, enter_mesh_stage
 from server.render.mesh import MeshRender, render_mesh, sample_light_dirs
+from server.render.shading import BACKGROUND
 
 
 class StepTimer:
@@ -138,16 +139,19 @@ def mesh_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepOut
         # A multi-view prior's views of one group share one timestep and one surface-attached noise
         # query, which is what its cross-view attention expects.
         c2w, fovy, elevation, azimuth = state.cameras.sample(spec.batch_size, stage.views_per_group)
-        # The stage's kind of render: lit colour, a normal map (geometry only), or unlit albedo.
+        # The stage's kind of render: lit colour, a normal map (geometry only, on black as the
+        # reference's rasteriser draws it), or unlit albedo.
+        normal_map = settings.render == "normal"
         view = render_mesh(
             mesh.vertices,
             mesh.faces,
             c2w.to(device),
             fovy.to(device),
             run.render_size(step, spec.render_size),
-            color_fn=None if settings.render == "normal" else state.texture,
+            color_fn=None if normal_map else state.texture,
             shading=settings.render,
             generator=state.generator,
+            background=(0.0, 0.0, 0.0) if normal_map else BACKGROUND,
         )
     t = run.t(step, spec.steps, state.generator)
     latents, flow = flow_gradient(state, stage, run, view, t, elevation, azimuth, timer)
