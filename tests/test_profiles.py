@@ -292,7 +292,12 @@ def test_job_json_records_the_resolved_stages(tmp_path, tiny_sd_dir):
 
     from server.pipeline.run import run_job
 
+    labels = []
+
     class Quiet:
+        def progress(self, step, total, stage, *args):
+            labels.append(stage)
+
         def __getattr__(self, name):
             return lambda *args, **kwargs: False
 
@@ -308,6 +313,7 @@ def test_job_json_records_the_resolved_stages(tmp_path, tiny_sd_dir):
     ]
     assert stages[2]["guidance_scale"] == 20.0 and stages[1]["method"] == "sds" and stages[0]["source"] == SD1
     assert JobSpec.from_dict(record["job"]).profile_overrides == overrides
+    assert labels == ["coarse", "coarse", "geometry", "geometry", "texture", "texture"]  # what Blender shows
 
 
 @pytest.mark.parametrize("render_size", [256, 512])
