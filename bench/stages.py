@@ -10,8 +10,8 @@ peak RSS, which is what a CPU machine needs free for an SD job.
 
 The mesh stages render at `--render-size` (default 512: the reference renders 1024 and encodes 512);
 the coarse volume stage at `--coarse-size` (default 128, the reference's first 5k steps: a 512^2
-volume render costs about 5 GB and 2.5 minutes a step on one CPU thread, so it is left to the GPU
-check, `python -m server.bench gpu`). tests/test_profiles.py runs the same function (marked slow).
+volume render would add about 5 GB, four times the 1.35 GB measured at 256^2, so it is left to the
+GPU check, `python -m server.bench gpu`). tests/test_stage_benches.py runs the same function (marked slow).
 """
 
 from __future__ import annotations

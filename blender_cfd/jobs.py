@@ -68,9 +68,10 @@ QUALITY_PRESETS = {
 # Stable Diffusion (the "sd" profile: coarse volume, DMTet geometry on normal maps, DMTet texture). High is
 # the CFD reference itself (60k steps, volume 128 -> 512, mesh 1024 encoded at 512); the others keep its
 # stage shares with fewer steps and smaller renders. Every step runs the UNet (batch 2, 64x64 latents) and
-# the VAE encoder forward and backward at 512 px: 3.9 TFLOP (bench/README.md), about 40 s on one CPU core
-# (`python -m server.bench stages`); the GPU figures are that floor at 25 TFLOP/s, an estimate until
-# `python -m server.bench gpu` has measured a card.
+# the VAE encoder forward and backward at 512 px: 3.9 TFLOP a view (bench/README.md). Measured on one CPU
+# thread (`python -m server.bench stages`, 2026-12-07): 110 s a coarse step (2 views), 55 s a mesh step at
+# 512 px; the CPU figures below weight those by the stage shares. The GPU figures are the floor at about
+# 25 TFLOP/s, estimates until `python -m server.bench gpu` has measured a card.
 SD_PRESETS = {
     "DRAFT": QualityPreset(
         "Draft",
@@ -79,7 +80,7 @@ SD_PRESETS = {
         256,
         1024,
         ((0.0, 64), (0.2, 128)),
-        (40.0, 0.2),
+        (75.0, 0.2),
     ),
     "STANDARD": QualityPreset(
         "Standard",
@@ -88,7 +89,7 @@ SD_PRESETS = {
         512,
         1024,
         ((0.0, 128), (0.2, 256)),
-        (45.0, 0.25),
+        (78.0, 0.25),
     ),
     "HIGH": QualityPreset(
         "High",
@@ -97,7 +98,7 @@ SD_PRESETS = {
         1024,
         2048,
         None,
-        (60.0, 0.3),
+        (85.0, 0.3),
     ),
 }
 # MVDream alone or MVDream -> Stable Diffusion: the coarse stage renders 4 views of 64 -> 256 px (32x32
