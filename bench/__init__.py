@@ -17,6 +17,8 @@ BENCHMARKS = {
     "render": "render and marching tets fwd+bwd per step at 64^2..256^2, grids 32/64; --fit: proof fit",
     "quality": "SDS vs FSD vs CFD on the shapes prior: IoU, colour error, distinct modes, render diversity",
     "step": "one step's time by stage (shapes prior, SD-2.1-sized prior), CFD vs SDS, peak memory, latency",
+    "stages": "every stage of the SD profile at full size (random SD 2.1 weights): s/step, shapes, peak RSS",
+    "gpu": "on a CUDA machine with no network: every SD stage in fp16 and fp32, ms/step vs the SD FLOP floor",
     "latency": "submission to first preview on a warm server; preview arrival to display in Blender",
     "batch": "jobs per hour of `python -m server batch` with 1 vs 2 Ray workers; Ray's overhead per job",
 }

@@ -26,57 +26,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from server.priors import MissingWeightsError, default_dtype, load_prior
+from server.testing.sd21 import sd21_unet_config, sd_vae_config
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PARTS = ("shapes", "unet", "vae")
-
-
-def sd21_unet_config() -> dict:
-    """stabilityai/stable-diffusion-2-1-base unet/config.json, written out so no download is needed."""
-    return dict(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=(
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(5, 10, 20, 20),
-        cross_attention_dim=1024,
-        use_linear_projection=True,
-        norm_num_groups=32,
-        norm_eps=1e-5,
-        act_fn="silu",
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        downsample_padding=1,
-        mid_block_scale_factor=1,
-        center_input_sample=False,
-        dual_cross_attention=False,
-        upcast_attention=False,
-    )
-
-
-def sd_vae_config() -> dict:
-    """Stable Diffusion 1.x/2.x vae/config.json (the same autoencoder in both)."""
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        act_fn="silu",
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..server.job.profiles import PROFILES, default_profile_name
 from ..server.job.spec import JOB_FORMAT
 from ..server.job.spec import PRECISIONS as JOB_PRECISIONS
 
@@ -28,20 +29,111 @@ class QualityPreset:
     steps: int
     render_size: int  # pixels of each rendered view (a multiple of the priors' latent sizes)
     texture_size: int  # baked texture side
+    # A profile's volume stages render (stage fraction, size) from then on and its mesh stages at
+    # `render_size`, sent as profile overrides; None: the profile's own sizes (the shapes profile
+    # renders at `render_size`, its volume at half of it).
+    coarse_sizes: tuple[tuple[float, int], ...] | None = None
+    # Seconds per step on (a CPU, a GPU): the estimate the panel shows before Generate.
+    seconds_per_step: tuple[float, float] = (0.0, 0.0)
 
 
-# The times are the shapes prior's on a 2-core CPU, measured with `python -m server generate` (2026-12-07).
+# The times are the shapes prior's on a 2-core CPU, measured with `python -m server generate` (2026-12-07);
+# its GPU figures are estimates (its steps are render-bound, a few GFLOP of network).
 QUALITY_PRESETS = {
     "DRAFT": QualityPreset(
-        "Draft", "A quick look: 300 steps, 64 px views, 512 px texture; 1 min on 2 CPU cores", 300, 64, 512
+        "Draft",
+        "A quick look: 300 steps, 64 px views, 512 px texture; 1 min on 2 CPU cores",
+        300,
+        64,
+        512,
+        seconds_per_step=(0.2, 0.05),
     ),
     "STANDARD": QualityPreset(
-        "Standard", "1000 steps, 128 px views, 1024 px texture; about 6.5 min on 2 CPU cores", 1000, 128, 1024
+        "Standard",
+        "1000 steps, 128 px views, 1024 px texture; about 6.5 min on 2 CPU cores",
+        1000,
+        128,
+        1024,
+        seconds_per_step=(0.39, 0.06),
     ),
     "HIGH": QualityPreset(
-        "High", "2500 steps, 256 px views, 2048 px texture; for a GPU (far longer on a CPU)", 2500, 256, 2048
+        "High",
+        "2500 steps, 256 px views, 2048 px texture; for a GPU (far longer on a CPU)",
+        2500,
+        256,
+        2048,
+        seconds_per_step=(1.5, 0.08),
     ),
 }
+# Stable Diffusion (the "sd" profile: coarse volume, DMTet geometry on normal maps, DMTet texture). High is
+# the CFD reference itself (60k steps, volume 128 -> 512, mesh 1024 encoded at 512); the others keep its
+# stage shares with fewer steps and smaller renders. Every step runs the UNet (batch 2, 64x64 latents) and
+# the VAE encoder forward and backward at 512 px: 3.9 TFLOP a view (bench/README.md). Measured on one CPU
+# thread (`python -m server.bench stages`, 2026-12-07): 110 s a coarse step (2 views), 55 s a mesh step at
+# 512 px; the CPU figures below weight those by the stage shares. The GPU figures are the floor at about
+# 25 TFLOP/s, estimates until `python -m server.bench gpu` has measured a card.
+SD_PRESETS = {
+    "DRAFT": QualityPreset(
+        "Draft",
+        "1200 steps, 256 px mesh views: a GPU run of a few minutes",
+        1200,
+        256,
+        1024,
+        ((0.0, 64), (0.2, 128)),
+        (75.0, 0.2),
+    ),
+    "STANDARD": QualityPreset(
+        "Standard",
+        "6000 steps, 512 px mesh views, 1024 px texture: a GPU",
+        6000,
+        512,
+        1024,
+        ((0.0, 128), (0.2, 256)),
+        (78.0, 0.25),
+    ),
+    "HIGH": QualityPreset(
+        "High",
+        "The CFD reference: 60 000 steps, 1024 px mesh views, 2048 px texture: a GPU, hours",
+        60_000,
+        1024,
+        2048,
+        None,
+        (85.0, 0.3),
+    ),
+}
+# MVDream alone or MVDream -> Stable Diffusion: the coarse stage renders 4 views of 64 -> 256 px (32x32
+# latents), then the mesh stages as Stable Diffusion's. High is the reference (45k steps with SD).
+MVDREAM_PRESETS = {
+    "DRAFT": QualityPreset(
+        "Draft",
+        "1000 steps, 64 -> 128 px coarse views, 256 px mesh views: a GPU run of a few minutes",
+        1000,
+        256,
+        1024,
+        ((0.0, 64), (0.5, 128)),
+        (60.0, 0.2),
+    ),
+    "STANDARD": QualityPreset(
+        "Standard",
+        "4500 steps, 64 -> 256 px coarse views, 512 px mesh views: a GPU",
+        4500,
+        512,
+        1024,
+        ((0.0, 64), (0.5, 256)),
+        (70.0, 0.25),
+    ),
+    "HIGH": QualityPreset(
+        "High",
+        "The CFD reference: 45 000 steps (10k MVDream, 35k SD mesh), 1024 px mesh views: a GPU, hours",
+        45_000,
+        1024,
+        2048,
+        None,
+        (80.0, 0.3),
+    ),
+}
+PRESETS = {"shapes": QUALITY_PRESETS, "sd": SD_PRESETS}
+PRESETS.update({"mvdream": MVDREAM_PRESETS, "mvdream+sd": MVDREAM_PRESETS})
 PRECISIONS = {precision.upper(): precision for precision in JOB_PRECISIONS}  # the menu key: the job value
 SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
 PRIOR_ITEMS = [  # the preferences' menu: (key, label, tooltip)
@@ -68,7 +160,7 @@ SHAPES_VOCABULARY = ("cube", "sphere", "cylinder", "cone", "torus")
 COLOURS_VOCABULARY = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
 INIT_SHAPES = {"SPHERE": "sphere", "MESH": "mesh"}
 # Which panel value each job field comes back to on Regenerate.
-PANEL_FIELDS = ("prompt", "negative_prompt", "seed", "guidance_scale")
+PANEL_FIELDS = ("prompt", "negative_prompt", "seed")  # and guidance: its value when the job overrode it
 
 
 def orbit_ranges(elevation_rad: tuple[float, float], radius: tuple[float, float], fov_rad: float) -> dict:
@@ -95,6 +187,46 @@ def prior_sources(prior: str, custom_prior: str = "") -> tuple[str, str | None]:
     return PRIORS.get(prior, (custom_prior.strip() or "shapes", None))
 
 
+def profile_name(prior: str, custom_prior: str = "") -> str:
+    """The pipeline profile the server runs for the preferences' prior choice."""
+    return default_profile_name(*prior_sources(prior, custom_prior))
+
+
+def presets_for(profile: str) -> dict[str, QualityPreset]:
+    """What Draft / Standard / High mean for a profile's prior."""
+    return PRESETS[profile]
+
+
+def guidance_default(profile: str) -> str:
+    """The guidance the profile uses when the panel's is not overridden, per stage, e.g. "70 / 50 / 50"."""
+    stages = PROFILES[profile].stages
+    if all(stage.guidance_scale is None for stage in stages):
+        return "the prior's own"
+    return " / ".join(f"{stage.guidance_scale:g}" for stage in stages)
+
+
+def negative_default(profile: str) -> str:
+    """The negative prompt the profile's first stage uses when the panel's is empty ("" for none)."""
+    return PROFILES[profile].stages[0].negative_prompt
+
+
+def estimated_seconds(profile: str, quality: str, gpu: bool) -> float:
+    """Estimated time of a job at a quality preset, on a GPU or a CPU (see the presets' figures)."""
+    preset = presets_for(profile)[quality]
+    return preset.steps * preset.seconds_per_step[1 if gpu else 0]
+
+
+def format_duration(seconds: float) -> str:
+    """ "about 40 s", "about 12 min", "about 3.5 h", "about 2 days"."""
+    if seconds < 90:
+        return f"about {max(round(seconds), 1)} s"
+    if seconds < 5400:
+        return f"about {round(seconds / 60)} min"
+    if seconds < 2 * 86400:
+        return f"about {seconds / 3600:.1f} h"
+    return f"about {round(seconds / 86400)} days"
+
+
 def build_job(
     *,
     prompt: str,
@@ -102,7 +234,7 @@ def build_job(
     seed: int,
     quality: str,
     method: str,
-    guidance_scale: float,
+    guidance_scale: float | None,
     init_shape: str,
     prior: str,
     device: str,
@@ -112,11 +244,13 @@ def build_job(
     orbit: dict | None = None,
     cameras: list[dict] | None = None,
 ) -> dict[str, Any]:
-    """The job dict for `protocol.generate`: panel + preferences values, with the quality preset expanded."""
+    """The job dict for `protocol.generate`: panel + preferences values, with the prior's quality preset
+    expanded. `guidance_scale` None leaves guidance to the prior's profile (the panel's "Prior default")."""
     if (orbit is None) == (cameras is None):
         raise ValueError("give exactly one of orbit / cameras")
-    preset = QUALITY_PRESETS[quality]
     source, chain = prior_sources(prior, custom_prior)
+    profile = default_profile_name(source, chain)
+    preset = presets_for(profile)[quality]
     job: dict[str, Any] = {
         "format": JOB_FORMAT,
         "prompt": prompt,
@@ -127,7 +261,7 @@ def build_job(
         "steps": preset.steps,
         "render_size": preset.render_size,
         "texture_size": preset.texture_size,
-        "guidance_scale": float(guidance_scale),
+        "guidance_scale": None if guidance_scale is None else float(guidance_scale),
         "init_shape": INIT_SHAPES[init_shape],
         "device": device.lower(),
         "precision": PRECISIONS[precision],
@@ -135,6 +269,16 @@ def build_job(
     }
     if chain is not None:
         job["chain_prior"] = chain
+    if preset.coarse_sizes is not None:
+        job["profile_overrides"] = {
+            f"{stage.name}.render_size": [
+                list(knot)
+                for knot in (
+                    preset.coarse_sizes if stage.representation == "volume" else [(0.0, preset.render_size)]
+                )
+            ]
+            for stage in PROFILES[profile].stages
+        }
     if orbit is not None:
         job["orbit"] = orbit
     else:
@@ -144,7 +288,8 @@ def build_job(
 
 def quality_of(job: dict) -> str | None:
     """The preset a job's steps / sizes came from, or None if they were set another way."""
-    for key, preset in QUALITY_PRESETS.items():
+    profile = default_profile_name(job.get("prior", "shapes"), job.get("chain_prior"))
+    for key, preset in presets_for(profile).items():
         if (job.get("steps"), job.get("render_size"), job.get("texture_size")) == (
             preset.steps,
             preset.render_size,
@@ -191,7 +336,7 @@ def variant_properties(job: dict, out_dir: str) -> dict[str, Any]:
             "negative_prompt": job["negative_prompt"],
             "quality": quality_of(job) or "CUSTOM",
             "method": job["method"].upper(),
-            "guidance_scale": job["guidance_scale"],
+            "guidance_scale": "prior default" if job.get("guidance_scale") is None else job["guidance_scale"],
             "prior": job["prior"],
             "steps": job["steps"],
             "render_size": job["render_size"],

@@ -49,7 +49,7 @@ def job_from_panel(context: bpy.types.Context, location) -> tuple[dict, tuple[np
         seed=settings.seed,
         quality=settings.quality,
         method=settings.method,
-        guidance_scale=settings.guidance_scale,
+        guidance_scale=settings.guidance_scale if settings.guidance_override else None,
         init_shape=settings.init_shape,
         prior=prefs.prior,
         custom_prior=prefs.custom_prior,
@@ -259,6 +259,9 @@ class CFD_OT_regenerate(bpy.types.Operator):
         settings = context.scene.cfd
         for name in jobs.PANEL_FIELDS:
             setattr(settings, name, job[name])
+        settings.guidance_override = job.get("guidance_scale") is not None
+        if settings.guidance_override:
+            settings.guidance_scale = job["guidance_scale"]
         settings.method = job["method"].upper()
         settings.quality = jobs.quality_of(job) or settings.quality
         settings.init_shape = {v: k for k, v in jobs.INIT_SHAPES.items()}.get(job["init_shape"], "SPHERE")

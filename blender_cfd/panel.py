@@ -13,7 +13,7 @@ import bpy
 import bpy.utils.previews
 import numpy as np
 
-from . import environment, jobs, scene_objects, session
+from . import environment, environment_ui, jobs, scene_objects, session
 from .addon import preferences
 
 PREVIEW_FILE = "preview.png"  # the picture each job writes beside its asset (server/pipeline/asset.py)
@@ -42,6 +42,22 @@ def format_seconds(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def estimate_device(device_pref: str) -> tuple[bool, str]:
+    """(whether a GPU runs the job, its name) for the time estimate: the preference, or for Automatic
+    the running server's device, else the environment check's, else a CPU."""
+    if device_pref in ("CUDA", "MPS"):
+        return True, "a GPU"
+    if device_pref == "CPU":
+        return False, "the CPU"
+    report = environment_ui.environment_state().report
+    found = session.get().server_info or (
+        {"device": report.device, "device_name": report.device_name} if report is not None else {}
+    )
+    if found.get("device") in ("cuda", "mps"):
+        return True, environment.device_label(found["device"], found.get("device_name", ""))
+    return False, "the CPU" if found else "the CPU (no GPU found yet: Check the environment)"
+
+
 class CFD_PT_generate(bpy.types.Panel):
     bl_label = "Text to 3D"
     bl_idname = "CFD_PT_generate"
@@ -61,12 +77,21 @@ class CFD_PT_generate(bpy.types.Panel):
             shapes, colours = ", ".join(jobs.SHAPES_VOCABULARY), ", ".join(jobs.COLOURS_VOCABULARY)
             _wrapped(col, f"The Shapes prior knows {shapes} in {colours}", _line_width(context), icon="INFO")
         col.prop(settings, "negative_prompt")
+        profile = jobs.profile_name(prefs.prior, prefs.custom_prior)
+        if not settings.negative_prompt.strip() and jobs.negative_default(profile):
+            col.label(text="Empty: the prior's default negative prompt", icon="INFO")
         row = col.row(align=True)
         row.prop(settings, "seed")
         row.operator("cfd.randomize_seed", text="", icon="FILE_REFRESH")
         col.prop(settings, "quality")
+        _wrapped(col, jobs.presets_for(profile)[settings.quality].description, _line_width(context))
         col.prop(settings, "method")
-        col.prop(settings, "guidance_scale")
+        row = col.row(align=True)
+        row.prop(settings, "guidance_override", text="", icon="GREASEPENCIL")
+        if settings.guidance_override:
+            row.prop(settings, "guidance_scale")
+        else:
+            row.label(text=f"Guidance: prior default ({jobs.guidance_default(profile)})")
         col.prop(settings, "size")
 
         box = layout.box()
@@ -114,6 +139,9 @@ class CFD_PT_generate(bpy.types.Panel):
             row = layout.row()
             row.scale_y = 1.5
             row.operator("cfd.generate", icon="PLAY")
+            gpu, device = estimate_device(prefs.device)
+            seconds = jobs.estimated_seconds(profile, settings.quality, gpu)
+            layout.label(text=f"Estimated {jobs.format_duration(seconds)} on {device}", icon="TIME")
             if not settings.prompt.strip():
                 layout.label(text="Type a prompt to generate", icon="INFO")
 

@@ -46,9 +46,16 @@ class CFDSettings(bpy.types.PropertyGroup):
     seed: IntProperty(name="Seed", description="Same seed and settings give the same asset", min=0, default=0)
     quality: EnumProperty(name="Quality", items=QUALITY_ITEMS, default="STANDARD")
     method: EnumProperty(name="Method", items=METHOD_ITEMS, default="CFD")
+    guidance_override: BoolProperty(
+        name="Override Guidance",
+        description="Off: each stage uses its prior's guidance (the CFD reference's for Stable Diffusion "
+        "and MVDream, 10 for the Shapes prior); on: the value below for every stage",
+        default=False,
+    )
     guidance_scale: FloatProperty(
         name="Guidance",
-        description="Classifier-free guidance: 10 suits the Shapes prior, 7.5 Stable Diffusion, 50 MVDream",
+        description="Classifier-free guidance for every stage: the Shapes prior's is 10, the CFD reference's "
+        "Stable Diffusion stages 70 / 50 / 50, MVDream 50",
         min=1.0,
         max=200.0,
         default=10.0,

@@ -518,6 +518,45 @@ def inputs(zip_path: str, out: Path) -> dict:
     return {"orbit": orbit, "camera_c2w": c2w.tolist()}
 
 
+def prior_defaults(zip_path: str, out: Path) -> dict:
+    """Guidance, presets, negative prompt and the time estimate follow the chosen prior; an override
+    and the prior default both reach the server and come back on Regenerate."""
+    ctl_module, prefs = install(zip_path, out)
+    ctl = ctl_module.get()
+    settings = bpy.context.scene.cfd
+    set_panel("a wooden chair", 5)
+    drawn = {}
+    for prior in ("SHAPES", "SD21", "MVDREAM_SD21"):
+        prefs.prior = prior
+        for device in ("CPU", "CUDA"):
+            prefs.device = device
+            drawn[f"{prior} {device}"] = labels(draw_panels())
+    shapes, sd = drawn["SHAPES CPU"], drawn["SD21 CPU"]
+    assert "Guidance: prior default (the prior's own)" in shapes and "default negative" not in shapes
+    assert "Guidance: prior default (70 / 50 / 50)" in sd and "default negative prompt" in sd, sd
+    assert "Guidance: prior default (50 / 50 / 50)" in drawn["MVDREAM_SD21 CPU"]
+    assert "1200 steps, 256 px mesh views" in sd and "300 steps, 64 px views" in shapes
+    estimates = {key: text.split("Estimated ")[1].split(" | ")[0] for key, text in drawn.items()}
+    assert estimates["SHAPES CPU"] == "about 60 s on the CPU" and estimates["SD21 CPU"].endswith(
+        "h on the CPU"
+    )
+    assert estimates["SD21 CUDA"] == "about 4 min on a GPU", estimates
+    assert not shown(draw_panels(), "prop", name="guidance_scale"), "no value to edit while it is the default"
+
+    prefs.prior, prefs.device = "SD21", "CPU"
+    assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}, ctl.error
+    default_job = json.loads(bpy.data.objects[ctl.last_variant]["cfd_job"])
+    settings.guidance_override, settings.guidance_scale = True, 12.0
+    assert shown(draw_panels(), "prop", name="guidance_scale")
+    assert bpy.ops.cfd.generate(wait=True) == {"FINISHED"}, ctl.error
+    override_job = json.loads(bpy.data.objects[ctl.last_variant]["cfd_job"])
+    bpy.context.view_layer.objects.active = bpy.data.objects[ctl.last_variant]
+    settings.guidance_override = False
+    assert bpy.ops.cfd.regenerate(wait=True) == {"FINISHED"}, ctl.error
+    assert settings.guidance_override and settings.guidance_scale == 12.0, "Regenerate restores the override"
+    return {"default_job": default_job, "override_job": override_job, "estimates": estimates}
+
+
 def remote(zip_path: str, out: Path) -> dict:
     """A server started elsewhere (`serve --listen`, loopback TCP): the token is checked, jobs work."""
     _, prefs = install(zip_path, out)
@@ -958,6 +997,7 @@ SCENARIOS = {
         shapes_prior,
         placement,
         keep_assets,
+        prior_defaults,
     )
 }
 

@@ -276,6 +276,59 @@ def test_every_prior_choice_names_what_the_server_loads():
     assert spec("CUSTOM", "").prior == "shapes"
 
 
+def test_quality_presets_and_estimates_scale_with_the_prior():
+    """Draft / Standard / High mean the prior's own steps and renders, the server accepts each, and
+    the estimate grows with quality and shrinks on a GPU."""
+    from blender_cfd_ext.blender_cfd import jobs
+
+    from server.job.spec import JobSpec
+
+    for prior in ("SHAPES", "SD21", "MVDREAM", "MVDREAM_SD21"):
+        profile = jobs.profile_name(prior)
+        seconds = {}
+        for quality, preset in jobs.presets_for(profile).items():
+            for guidance in (None, 12.0):
+                job = jobs.build_job(
+                    prompt="a chair",
+                    negative_prompt="",
+                    seed=1,
+                    quality=quality,
+                    method="CFD",
+                    guidance_scale=guidance,
+                    init_shape="SPHERE",
+                    prior=prior,
+                    device="AUTO",
+                    precision="AUTO",
+                    output_dir="/tmp/out",
+                    orbit={},
+                )
+                spec = JobSpec.from_dict(job)
+                stages = spec.resolved_profile().stages
+                assert spec.profile_name == profile and spec.steps == preset.steps
+                assert jobs.quality_of(job) == quality and spec.guidance_scale == guidance
+                meshes = [s.render_size for s in stages if s.representation == "dmtet"]
+                if preset.coarse_sizes is not None and profile != "shapes":
+                    assert set(meshes) == {((0.0, preset.render_size),)}
+            seconds[quality] = (
+                jobs.estimated_seconds(profile, quality, gpu=False),
+                jobs.estimated_seconds(profile, quality, gpu=True),
+            )
+        assert seconds["DRAFT"] < seconds["STANDARD"] < seconds["HIGH"]
+        assert all(gpu < cpu for cpu, gpu in seconds.values())
+    assert (
+        jobs.presets_for("sd")["HIGH"].steps == 60_000
+        and jobs.presets_for("mvdream+sd")["HIGH"].steps == 45_000
+    )
+    assert (
+        jobs.negative_default("sd")
+        and jobs.negative_default("mvdream")
+        and not jobs.negative_default("shapes")
+    )
+    assert (
+        jobs.format_duration(40 * 60) == "about 40 min" and jobs.format_duration(3 * 86400) == "about 3 days"
+    )
+
+
 def test_the_panel_names_what_the_shapes_prior_knows():
     from blender_cfd_ext.blender_cfd import jobs
 
@@ -398,6 +451,20 @@ def test_keep_marks_an_asset_and_writes_it_to_the_library_folder(extension_zip, 
     result = run_scenario("keep_assets", extension_zip, tmp_path)
     print(json.dumps(result, indent=2))
     assert result["fresh_session"]["listed"] == ["a red cube (seed 3)"]
+
+
+@needs_bpy
+def test_the_panel_follows_the_priors_profile(extension_zip, tmp_path):
+    from server.job.spec import JobSpec
+
+    result = run_scenario("prior_defaults", extension_zip, tmp_path)
+    default = JobSpec.from_dict(result["default_job"])
+    assert default.guidance_scale is None and default.profile_name == "sd"
+    profile = default.resolved_profile()
+    assert [s.guidance_scale for s in profile.stages] == [70.0, 50.0, 50.0]
+    assert [s.render_size for s in profile.stages] == [((0.0, 64), (0.2, 128)), ((0.0, 256),), ((0.0, 256),)]
+    assert (default.steps, default.negative_prompt) == (1200, "")  # empty: each stage's own negative
+    assert JobSpec.from_dict(result["override_job"]).guidance_scale == 12.0
 
 
 @needs_bpy

@@ -306,9 +306,15 @@ def test_guidance_is_the_jobs_else_the_priors_own():
 
     assert JobSpec.from_dict({"prompt": "a cube"}).guidance_scale is None
     cpu = torch.device("cpu")
-    (default,) = prior_stages(JobSpec.from_dict({"prompt": "a cube"}), cpu)
-    (chosen,) = prior_stages(JobSpec.from_dict({"prompt": "a cube", "guidance_scale": 7.5}), cpu)
-    assert default.guidance_scale == SHAPES_GUIDANCE != 7.5 and chosen.guidance_scale == 7.5
+
+    def stages(job: dict) -> list:
+        spec = JobSpec.from_dict(job)
+        return prior_stages(spec, spec.resolved_profile(), [60, 100], cpu)
+
+    default = stages({"prompt": "a cube"})
+    chosen = stages({"prompt": "a cube", "guidance_scale": 7.5})
+    assert {s.guidance_scale for s in default} == {SHAPES_GUIDANCE} != {7.5}
+    assert {s.guidance_scale for s in chosen} == {7.5}
     assert Prior.guidance_scale == 7.5 and MVDreamPrior.guidance_scale == 50.0
 
 

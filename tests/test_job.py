@@ -98,6 +98,11 @@ BAD = [
     ({"preview_max_fps": 31}, "preview_max_fps"),
     ({"batch_size": 0}, "batch_size"),
     ({"batch_size": 9}, "batch_size"),
+    ({"profile": "nerf"}, "profile"),
+    ({"profile": 3}, "profile"),
+    ({"profile_overrides": [1]}, "profile_overrides"),
+    ({"profile_overrides": {"texture.gamma": 0.1}}, "profile_overrides.texture.gamma"),
+    ({"profile_overrides": {"nerf.render": "rgb"}}, "profile_overrides.nerf.render"),
     ({"resolution": 64}, "resolution"),
     ({"format": "other/2"}, "format"),
 ]

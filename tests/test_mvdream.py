@@ -476,7 +476,16 @@ def test_the_four_views_of_a_group_get_one_surface_attached_noise():
 
 # --- jobs --------------------------------------------------------------------------------------------
 
-QUICK = {"steps": 4, "grid_resolution": 12, "texture_size": 128, "render_size": 32, "preview_max_fps": 30}
+# The shapes profile: the job's own render size and chain point (the mvdream profiles render 64-1024 px,
+# tests/test_profiles.py runs them).
+QUICK = {
+    "steps": 4,
+    "grid_resolution": 12,
+    "texture_size": 128,
+    "render_size": 32,
+    "preview_max_fps": 30,
+    "profile": "shapes",
+}
 
 
 class Recorder(Events):

@@ -264,6 +264,21 @@ def test_the_front_can_face_blenders_front_view():
     assert view_suffix_index(0, 0, front_azimuth_deg=-90) == SIDE
 
 
+def test_the_reference_sd_stages_narrow_front_and_back_to_30_degrees():
+    """threestudio's front_threshold / back_threshold 30 in the CFD configs: 40 degrees off the front
+    (or back) is already a side view there, a front (back) view at DreamFusion's 45."""
+    assert [view_suffix_index(0, a) for a in (40, 140)] == [FRONT, BACK]
+    assert [view_suffix_index(0, a, front_back_deg=30) for a in (29, 40, 140, 151)] == [
+        FRONT,
+        SIDE,
+        SIDE,
+        BACK,
+    ]
+    emb = PromptEmbeddings(torch.arange(4.0).view(4, 1, 1), torch.zeros(1, 1, 1), list(VIEW_SUFFIXES))
+    rows = emb.for_views(torch.zeros(2), torch.tensor([40.0, 151.0]), front_back_deg=30)
+    assert rows.flatten().tolist() == [SIDE, BACK]
+
+
 def test_for_views_picks_the_suffix_row_of_each_camera():
     cond = torch.arange(4.0).view(4, 1, 1)
     emb = PromptEmbeddings(cond, torch.zeros(1, 1, 1), list(VIEW_SUFFIXES))

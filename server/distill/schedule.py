@@ -81,6 +81,42 @@ class RandomTimesteps:
         return int(torch.randint(self.t_min, self.t_max + 1, (1,), generator=generator).item())
 
 
+@dataclass(frozen=True)
+class DreamTimeTimesteps:
+    """DreamTime's prior-weighted monotone t(tau) (Huang et al. 2023), which the CFD reference's mesh
+    geometry stage uses (`dreamtime_anneal: [700, 400, 100, 200]`).
+
+    A weight over t is flat between `low` and `high`, with Gaussian tails of width `high_std` above and
+    `low_std` below; t(tau) is where the weight summed from the top reaches the fraction of steps done,
+    so t lingers where the weight is large (400..700) and passes the tails quickly. Clamped to
+    [t_min, t_max] as the reference's min/max step percentages (0.02, 0.98) do.
+    """
+
+    high: float = 700.0
+    low: float = 400.0
+    high_std: float = 100.0
+    low_std: float = 200.0
+    t_min: int = 20
+    t_max: int = 980
+    num_train_timesteps: int = 1000
+
+    def weights(self) -> np.ndarray:
+        """The normalised weight of t = 1 .. num_train_timesteps."""
+        t = np.arange(1, self.num_train_timesteps + 1, dtype=np.float64)
+        w = np.ones_like(t)
+        above, below = t > self.high, t < self.low
+        w[above] = np.exp(-((t[above] - self.high) ** 2) / (2 * self.high_std**2))
+        w[below] = np.exp(-((t[below] - self.low) ** 2) / (2 * self.low_std**2))
+        return w / w.sum()
+
+    def __call__(self, step: int, total_steps: int, generator: torch.Generator | None = None) -> int:
+        fraction = step / max(total_steps - 1, 1)
+        from_top = np.cumsum(self.weights()[::-1])  # weight of t >= T - i
+        index = int(np.searchsorted(from_top, fraction))
+        t = self.num_train_timesteps - min(index, self.num_train_timesteps - 1)
+        return int(min(max(t, self.t_min), self.t_max))
+
+
 def lambda_steps(schedule: NoiseSchedule, timesteps: Sequence[int]) -> list[float]:
     """Step sizes lambda_t - lambda_prev between consecutive timesteps (the last goes to lambda = 0)."""
     prevs = [*timesteps[1:], -1]

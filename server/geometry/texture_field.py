@@ -10,7 +10,8 @@ and CUDA alike (threestudio's tinycudann hash grid has no CPU path). Two encodin
   backward is cache-bound) and ~0.5-0.8 s for the hash grid. The coarse level moves large regions
   together.
 - "hash" (default on CUDA): instant-NGP's multi-resolution hash grid (16 levels x 2 features,
-  2^19 entries per level, resolutions 16 .. 2048), for finer detail when gather cost is no issue.
+  2^19 entries per level, resolutions 16 .. 2048; jobs size the finest to their renders,
+  `hash_grid_resolution`), for finer detail when gather cost is no issue.
 
 The last layer starts near zero, so the field starts mid-grey (albedo 0.5) everywhere.
 """
@@ -40,6 +41,13 @@ def triplane_resolutions(render_size: int) -> tuple[int, int]:
     at 64-pixel renders the 128-texel plane baked yellow streaks into a red cube.
     """
     return (max(8, render_size // 4), render_size)
+
+
+def hash_grid_resolution(render_size: int, base_resolution: int = 16) -> int:
+    """The hash grid's finest level for renders of `render_size`, by the rule of `triplane_resolutions`:
+    about one texel per rendered pixel. With the fixed 2048 a 512-pixel render touched each finest-level
+    entry with about a sixteenth of a pixel, so those levels learnt from rare, noisy gradients."""
+    return max(2 * base_resolution, render_size)
 
 
 class TriplaneEncoding(nn.Module):

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..distill.knots import KNOTS_RULE, knots_problem
 from .errors import JobSpecError
+from .profiles import Profile, default_profile_name, resolve_profile
 
 JOB_FORMAT = "blender-cfd-job/1"  # tag in job.json, so a saved job can be fed back to from_dict
 METHODS = ("cfd", "fsd", "sds")
@@ -67,7 +68,7 @@ class JobSpec:
     guidance_scale: float | None = None  # None: the prior's own (`Prior.guidance_scale`)
     cfg_form: str = "uncond"
     gamma: float = 1e-4
-    # t falls through the shape stage (the first 60 %, `server.pipeline.setup.Optimisation`) to 300,
+    # t falls through the shape stage (the first 60 %, `server.job.profiles`' shapes profile) to 300,
     # where a render's silhouette is settled, then slowly while DMTet refines and the colour settles.
     timestep_knots: tuple[tuple[float, float], ...] = ((0.0, 980.0), (0.6, 300.0), (1.0, 200.0))
     texture_size: int = 512
@@ -80,6 +81,8 @@ class JobSpec:
     batch_size: int = 1
     chain_prior: str | None = None  # e.g. MVDream forms the geometry, then Stable Diffusion adds detail
     chain_at: float = 0.5  # fraction of the steps after which `chain_prior` takes over
+    profile: str | None = None  # the pipeline profile (`server.job.profiles`); None: the prior's own
+    profile_overrides: dict[str, Any] | None = None  # single profile settings, {"texture.guidance_scale": 30}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobSpec:
@@ -129,7 +132,22 @@ class JobSpec:
             if values["chain_prior"] is None
             else _prior(values["chain_prior"], "chain_prior"),
             chain_at=_number("chain_at", values["chain_at"], 0.0, 1.0),
-        )
+            profile=_profile(values["profile"]),
+            profile_overrides=_profile_overrides(values["profile_overrides"]),
+        )._with_checked_profile()
+
+    @property
+    def profile_name(self) -> str:
+        """The profile this job runs: the one it names, else its prior's own."""
+        return self.profile or default_profile_name(self.prior, self.chain_prior)
+
+    def resolved_profile(self) -> Profile:
+        """The job's stages with its overrides applied (what job.json records)."""
+        return resolve_profile(self.profile_name, self.profile_overrides)
+
+    def _with_checked_profile(self) -> JobSpec:
+        self.resolved_profile()
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types; `JobSpec.from_dict(spec.to_dict()) == spec`."""
@@ -298,6 +316,20 @@ def _knots(value: Any) -> tuple[tuple[float, float], ...]:
     if problem is not None:
         raise JobSpecError("timestep_knots", f"{KNOTS_RULE}; {problem}")
     return knots
+
+
+def _profile(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise JobSpecError("profile", f"must be a profile name or null, got {value!r}")
+    return value
+
+
+def _profile_overrides(value: Any) -> dict[str, Any] | None:
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise JobSpecError("profile_overrides", f"must be an object of settings, got {value!r}"[:300])
+    return dict(value)
 
 
 def _device(value: Any) -> str:

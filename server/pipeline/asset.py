@@ -123,6 +123,7 @@ def write_asset(
         seconds = time.perf_counter() - start
         record = {
             "job": spec.to_json_dict(),
+            "pipeline": spec.resolved_profile().to_dict(),  # the stages as run, overrides applied
             "seed": spec.seed,
             "stopped_at_step": stopped_at_step,
             "seconds": round(seconds, 2),

@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
@@ -113,7 +114,19 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--render-size", type=int, default=None)
     parser.add_argument("--grid-resolution", type=int, default=None, help="DMTet cells per axis (default 32)")
     parser.add_argument("--texture-size", type=int, default=None)
-    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the prior's own")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the profile's")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="pipeline profile: shapes, sd, mvdream, mvdream+sd (default: the prior's own)",
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="SETTING=JSON",
+        help='one profile setting, e.g. texture.guidance_scale=30 or geometry.render_size="[[0,512]]"',
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default=None)
 
@@ -122,12 +135,27 @@ def job_settings(args: argparse.Namespace) -> dict:
     """The settings of `add_job_arguments` that were given, as `JobSpec.from_dict` fields."""
     settings = {"negative_prompt": args.negative_prompt}
     settings.update({key: getattr(args, key) for key in JOB_KEYS if getattr(args, key) is not None})
+    if args.profile is not None:
+        settings["profile"] = args.profile
+    if args.override:
+        settings["profile_overrides"] = dict(profile_override(text) for text in args.override)
     return settings
 
 
 def spec_from_args(args: argparse.Namespace, seed: int) -> JobSpec:
     fields = {"prompt": args.prompt, "seed": seed, "output_dir": str(args.out), **job_settings(args)}
     return JobSpec.from_dict(fields)
+
+
+def profile_override(text: str) -> tuple[str, Any]:
+    """ "texture.guidance_scale=30" -> ("texture.guidance_scale", 30): the value is JSON, else a string."""
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise JobSpecError("profile_overrides", f"--override takes SETTING=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
 def variant_grid(previews: list[Path], seeds: list[int], path: Path) -> None:

@@ -48,7 +48,11 @@ def run_job(
             events.texture(step + 1, outcome.texture_png, spec.texture_size, spec.texture_size)
         elapsed = time.perf_counter() - start
         eta = elapsed / (step + 1) * (spec.steps - step - 1)
-        stage = "shape" if outcome.shaping else "texture"
+        # The shapes profile says whether the geometry still moves; the others name their stage.
+        if state.profile.name == "shapes":
+            stage = "shape" if outcome.shaping else "texture"
+        else:
+            stage = state.run_at(step).settings.name
         events.progress(step + 1, spec.steps, stage, outcome.t, outcome.loss, eta, elapsed)
         if events.preview_due() or step == spec.steps - 1:
             mesh = outcome.mesh

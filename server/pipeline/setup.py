@@ -4,19 +4,26 @@ noise and cameras, all seeded by the job, gathered in the `JobState` each step c
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from server.device import resolve_device, resolve_dtype
-from server.distill.schedule import AnnealedTimesteps, NoiseSchedule, RandomTimesteps
-from server.distill.update import Method, Weighting
+from server.distill.schedule import AnnealedTimesteps, DreamTimeTimesteps, NoiseSchedule, RandomTimesteps
+from server.distill.update import Method
 from server.geometry.dmtet import DMTet
 from server.geometry.sdf_volume import SDFVolume
 from server.geometry.tetgrid import kuhn_grid
-from server.geometry.texture_field import TextureField, default_encoding, triplane_resolutions
+from server.geometry.texture_field import (
+    Encoding,
+    TextureField,
+    default_encoding,
+    hash_grid_resolution,
+    triplane_resolutions,
+)
 from server.job.errors import JobSpecError
+from server.job.profiles import Profile, StageSettings
 from server.job.spec import JobSpec
 from server.noise.base import FreshNoise, NoiseProvider
 from server.pipeline.export import UVAtlas
@@ -27,18 +34,18 @@ from server.render.mvdream_cameras import MultiViewRig
 
 @dataclass(frozen=True)
 class Optimisation:
-    """The loop's internal settings (not job fields), tuned on CPU demos against the shapes prior.
+    """The loop's internal settings that no profile changes, tuned on CPU demos against the shapes prior;
+    what differs per stage (learning rates, regulariser weights, stage ends) is in the job's profile
+    (`server.job.profiles`).
 
     The flow loss is summed over latent pixels, so the regulariser weights are relative to a
     gradient of about one unit per latent pixel and view.
     """
 
-    # Shape stage (`server.geometry.sdf_volume`): the first steps form the shape in a volume that can
+    # Volume stage (`server.geometry.sdf_volume`): the first steps form the shape in a volume that can
     # change topology, rendered at half the job's render size with one albedo, from the job's orbit
     # (its low views are the only ones that see, and so trim, the underside), with opacity sparsity
     # so that what no view supports (a torus's hole seen from above) empties.
-    volume_fraction: float = 0.6
-    volume_lr: float = 1e-2
     volume_levels: tuple[int, ...] = (8, 16)
     volume_samples: int = 48
     volume_views: int = 2  # per step, at least (the job's batch_size when larger): views must agree
@@ -46,20 +53,7 @@ class Optimisation:
     eikonal_weight: float = 100.0
     volume_smoothness_weight: float = 100.0
     opacity_weight: float = 200.0
-    # Then DMTet refines the volume's isosurface with a texture field, until the geometry freezes.
-    geometry_fraction: float = 0.8  # then the geometry freezes and only the colour keeps moving
-    sdf_lr: float = 5e-3
-    deformation_lr: float = 5e-3
-    texture_lr: float = 1e-2
-    weighting: Weighting = Weighting.ONE
-    normal_weight: float = 1000.0
-    laplacian_weight: float = 1000.0
-    sign_weight_start: float = 0.2  # nvdiffrec's anti-floater term, annealed to sign_weight_end
-    sign_weight_end: float = 0.01
     island_cleanup_every: int = 25
-
-
-OPTIMISATION = Optimisation()
 
 
 _PRIORS: dict[tuple[str, str, str], Prior] = {}
@@ -79,14 +73,16 @@ def cached_priors(names: list[str], device: torch.device, dtype: torch.dtype) ->
 
 @dataclass
 class PriorStage:
-    """One prior's share of a job's steps, up to step `until`: a chained job (MVDream forming the
-    geometry, then Stable Diffusion adding detail) has two."""
+    """The prior in charge of a job's steps up to step `until`, with the prompt encoded for it: one per
+    profile stage (Stable Diffusion's texture stage has its own negative prompt and guidance), or the
+    two halves of a chained job that names no chain stage (MVDream forming the geometry, then Stable
+    Diffusion adding detail)."""
 
     prior: Prior
     embeddings: PromptEmbeddings
     schedule: NoiseSchedule
     until: int
-    guidance_scale: float  # the job's, else the prior's own
+    guidance_scale: float  # the job's, else the stage's, else the prior's own
 
     @property
     def views_per_group(self) -> int:
@@ -94,29 +90,131 @@ class PriorStage:
         return getattr(self.prior, "views_per_group", 1)
 
 
-def prior_stage(spec: JobSpec, prior: Prior, until: int) -> PriorStage:
-    """`prior` with the job's prompt encoded, its schedule and its guidance, in charge until `until`."""
+def prior_stage(spec: JobSpec, prior: Prior, until: int, settings: StageSettings | None = None) -> PriorStage:
+    """`prior` with the job's prompt encoded, its schedule and its guidance, in charge until `until`.
+    The job's negative prompt and guidance win over the stage's."""
     view_dependent = getattr(prior, "view_dependent", False)
-    embeddings = prior.encode_prompt(spec.prompt, spec.negative_prompt, view_dependent=view_dependent)
-    guidance = prior.guidance_scale if spec.guidance_scale is None else spec.guidance_scale
+    negative = spec.negative_prompt or (settings.negative_prompt if settings else "")
+    embeddings = prior.encode_prompt(spec.prompt, negative, view_dependent=view_dependent)
+    guidance = next(
+        g
+        for g in (spec.guidance_scale, settings and settings.guidance_scale, prior.guidance_scale)
+        if g is not None
+    )
     return PriorStage(prior, embeddings, NoiseSchedule.of(prior), until, guidance)
 
 
-def prior_stages(spec: JobSpec, device: torch.device) -> list[PriorStage]:
-    """The job's prior, or its two chained priors, each checked against the render size."""
-    names = [spec.prior] if spec.chain_prior is None else [spec.prior, spec.chain_prior]
-    priors = cached_priors(names, device, resolve_dtype(spec.precision, device))
-    ends = [spec.steps] if len(priors) == 1 else [round(spec.chain_at * spec.steps), spec.steps]
-    stages = []
-    for prior, until in zip(priors, ends, strict=True):
-        if spec.render_size % prior.latent_size:
-            raise JobSpecError(
-                "render_size",
-                f"{spec.render_size} must be a multiple of the latent size {prior.latent_size} of prior "
-                f"{prior.name!r}",
-            )
-        stages.append(prior_stage(spec, prior, until))
-    return stages
+def prior_names(spec: JobSpec, profile: Profile) -> list[str]:
+    """The job's prior, and the chain prior when the job or a stage of its profile asks for one."""
+    chain = spec.chain_prior
+    if chain is None and any(stage.prior == 1 for stage in profile.stages):
+        chain = profile.chain_prior
+    return [spec.prior] if chain is None else [spec.prior, chain]
+
+
+def prior_stages(
+    spec: JobSpec, profile: Profile, ends: list[int], device: torch.device, prior: Prior | None = None
+) -> list[PriorStage]:
+    """One `PriorStage` per profile stage (ending at `ends`), each checked against its render sizes;
+    `prior` replaces the priors the job names (a benchmark's in-memory model)."""
+    names = prior_names(spec, profile)
+    priors = (
+        cached_priors(names, device, resolve_dtype(spec.precision, device))
+        if prior is None
+        else [prior] * len(names)
+    )
+    for stage in profile.stages:
+        for size in stage_render_sizes(stage, spec):
+            check_render_size(size, priors[min(stage.prior, len(priors) - 1)])
+    if len(priors) == 2 and all(stage.prior == 0 for stage in profile.stages):
+        # A chain the profile has no stage for: the chain prior takes over at `chain_at`.
+        until = [round(spec.chain_at * spec.steps), spec.steps]
+        return [prior_stage(spec, p, u, profile.stages[0]) for p, u in zip(priors, until, strict=True)]
+    pairs = zip(profile.stages, ends, strict=True)
+    return [prior_stage(spec, priors[stage.prior], end, stage) for stage, end in pairs]
+
+
+def check_render_size(size: int, prior: Prior) -> None:
+    if size % prior.latent_size:
+        raise JobSpecError(
+            "render_size",
+            f"{size} must be a multiple of the latent size {prior.latent_size} of prior {prior.name!r}",
+        )
+
+
+def stage_render_sizes(stage: StageSettings, spec: JobSpec) -> list[int]:
+    """Every size a stage renders at: its own, else the job's (a mesh stage) or half of it (a volume)."""
+    if stage.render_size is not None:
+        return [size for _, size in stage.render_size]
+    return [spec.render_size] if stage.representation == "dmtet" else []
+
+
+@dataclass
+class StageRun:
+    """One profile stage as the loop runs it: its settings, its steps [start, end), its t and its noise."""
+
+    settings: StageSettings
+    start: int
+    end: int
+    timesteps: AnnealedTimesteps | RandomTimesteps | DreamTimeTimesteps
+    noise: NoiseProvider
+
+    def fraction(self, step: int) -> float:
+        """How far into the stage `step` is, 0 at its first step and 1 at its last."""
+        return (step - self.start) / max(self.end - self.start - 1, 1)
+
+    def t(self, step: int, total_steps: int, generator: torch.Generator) -> int:
+        """The stage's timestep: over the whole job for the job's own knots, else over the stage."""
+        if self.settings.timesteps == "job":
+            return self.timesteps(step, total_steps, generator)
+        return self.timesteps(step - self.start, self.end - self.start, generator)
+
+    def gamma(self, step: int, job_gamma: float) -> float:
+        """The noise re-injection gamma at `step`: the stage's schedule, else the job's."""
+        if self.settings.gamma is None:
+            return job_gamma
+        fractions, gammas = zip(*self.settings.gamma, strict=True)
+        return float(np.interp(self.fraction(step), fractions, gammas))
+
+    def render_size(self, step: int, job_size: int) -> int:
+        """The stage's render size at `step` (its sizes hold from their fraction on), else `job_size`."""
+        if self.settings.render_size is None:
+            return job_size
+        return [size for fraction, size in self.settings.render_size if fraction <= self.fraction(step)][-1]
+
+    @property
+    def method(self) -> Method:
+        return Method(self.settings.method or "cfd")
+
+
+def stage_runs(spec: JobSpec, profile: Profile, device: torch.device) -> list[StageRun]:
+    """The profile's stages laid over the job's steps. A stage's noise is the previous stage's when
+    their methods agree (the shapes profile's one field), else a fresh one as the reference re-creates
+    it per stage."""
+    ends = [int(stage.until * spec.steps) for stage in profile.stages[:-1]] + [spec.steps]
+    job_timesteps = (
+        RandomTimesteps(20, 980)
+        if spec.method == "sds"
+        else AnnealedTimesteps(tuple((float(f), float(t)) for f, t in spec.timestep_knots))
+    )
+    runs: list[StageRun] = []
+    for index, (stage, start, end) in enumerate(zip(profile.stages, [0, *ends], ends, strict=False)):
+        stage = replace(stage, method=stage.method or spec.method)
+        method = Method(stage.method)
+        if stage.timesteps == "job":
+            timesteps = job_timesteps
+        elif stage.timesteps == "dreamtime":
+            timesteps = DreamTimeTimesteps()
+        elif method == Method.SDS:
+            timesteps = RandomTimesteps(20, 980)
+        else:
+            timesteps = AnnealedTimesteps(stage.timestep_knots)
+        if runs and runs[-1].settings.method == stage.method:
+            noise = runs[-1].noise
+        else:
+            noise = noise_provider(method, spec.seed + index, device)
+        runs.append(StageRun(stage, start, end, timesteps, noise))
+    return runs
 
 
 def noise_provider(method: Method, seed: int, device: torch.device) -> NoiseProvider:
@@ -176,25 +274,42 @@ class JobState:
     """Everything a job's optimisation carries from step to step."""
 
     spec: JobSpec
+    profile: Profile  # the job's stages, its overrides applied
+    opt: Optimisation
+    runs: list[StageRun]  # the profile's stages over the job's steps
     stages: list[PriorStage]
     device: torch.device
-    volume: SDFVolume  # the shape stage's geometry, handed to `geometry` at step `volume_steps`
+    volume: SDFVolume  # the volume stage's geometry, handed to `geometry` at step `volume_steps`
     volume_optimizer: torch.optim.Optimizer
     volume_steps: int
     geometry: DMTet
     texture: TextureField
-    optimizer: torch.optim.Optimizer
-    timesteps: AnnealedTimesteps | RandomTimesteps
-    noise: NoiseProvider
+    optimizer: torch.optim.Optimizer  # groups: SDF, deformation, texture encoding, texture MLP
     cameras: CameraSource
     generator: torch.Generator
     geometry_steps: int  # then the geometry freezes and only the colour keeps moving
     milestones: set[int]  # steps after which a texture is baked and streamed
     atlas: UVAtlas | None = None  # the frozen geometry, unwrapped once, for milestones and the asset
 
+    def run_at(self, step: int) -> StageRun:
+        """The profile stage `step` belongs to."""
+        return next(run for run in self.runs if step < run.end)
+
     def color_fn(self, points: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return self.texture(torch.from_numpy(points).float().to(self.device)).cpu().numpy()
+
+
+def texture_field(render_size: int, device: torch.device, encoding: Encoding | None = None) -> TextureField:
+    """The colour field for renders of `render_size`: its finest level no finer than they are
+    (`triplane_resolutions`, `hash_grid_resolution`), so every fine texel is trained by whole pixels.
+    `encoding`: the device's default (hash grid on CUDA, triplanes elsewhere) unless named."""
+    encoding = encoding or default_encoding(device)
+    if encoding == "triplane":
+        options = {"resolutions": triplane_resolutions(render_size)}
+    else:
+        options = {"finest_resolution": hash_grid_resolution(render_size)}
+    return TextureField(encoding=encoding, encoding_options=options, device=device)
 
 
 def start_job(
@@ -202,7 +317,8 @@ def start_job(
 ) -> JobState:
     """A job's set-up: priors, geometry, colour field, optimiser, timesteps, noise and cameras, all
     seeded by the job. `prior` replaces the priors the spec names (a benchmark's in-memory model)."""
-    opt = OPTIMISATION
+    opt = Optimisation()
+    profile = spec.resolved_profile()
     device = resolve_device(spec.device)
     # Same seed, same asset: with two CPU threads, accumulating kernels of the backward passes summed
     # in a varying order, and 40 steps amplified those last-bit differences into a different SDF
@@ -210,13 +326,13 @@ def start_job(
     # also pin cuDNN/cuBLAS algorithms at a larger cost, so GPU runs stay as fast as they can be.
     # Set for every job: the flag is process-wide, and a server may run a CPU job then a CUDA one.
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
-    stages = prior_stages(spec, device) if prior is None else [prior_stage(spec, prior, spec.steps)]
-    method = Method(spec.method)
+    runs = stage_runs(spec, profile, device)
+    stages = prior_stages(spec, profile, [run.end for run in runs], device, prior)
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
     generator = torch.Generator(device="cpu").manual_seed(spec.seed)
 
-    geometry = DMTet(kuhn_grid(spec.grid_resolution, radius=1.0), device=device)
+    geometry = DMTet(kuhn_grid(profile.grid_resolution or spec.grid_resolution, radius=1.0), device=device)
     if init_mesh is not None:
         geometry.init_from_mesh(*init_mesh, fill=0.8)
     elif spec.init_shape == "ellipsoid":
@@ -224,49 +340,63 @@ def start_job(
     else:
         geometry.init_sphere(0.5)
     volume = SDFVolume(geometry.sdf, geometry.grid.radius, opt.volume_levels)
+    first = profile.stages[0]
     volume_optimizer = torch.optim.Adam(
         [
-            {"params": list(volume.grids), "lr": opt.volume_lr},
-            {"params": [volume.albedo_logit], "lr": opt.texture_lr},
+            {"params": list(volume.grids), "lr": first.sdf_lr},
+            {"params": [volume.albedo_logit], "lr": first.encoding_lr},
         ],
         betas=(0.9, 0.99),
-        eps=1e-15,
+        eps=first.adam_eps,
     )
-    encoding = default_encoding(device)
-    planes = {"resolutions": triplane_resolutions(spec.render_size)} if encoding == "triplane" else None
-    texture = TextureField(encoding=encoding, encoding_options=planes, device=device)
+    meshes = [run for run in runs if run.settings.representation == "dmtet"]
+    mesh_size = max(size for run in meshes for size in stage_render_sizes(run.settings, spec))
+    texture = texture_field(mesh_size, device)
+    mesh = meshes[0].settings
     optimizer = torch.optim.Adam(
         [
-            {"params": [geometry.sdf], "lr": opt.sdf_lr},
-            {"params": [geometry.deformation], "lr": opt.deformation_lr},
-            {"params": list(texture.parameters()), "lr": opt.texture_lr},
+            {"params": [geometry.sdf], "lr": mesh.sdf_lr},
+            {"params": [geometry.deformation], "lr": mesh.deformation_lr},
+            {"params": list(texture.encoding.parameters()), "lr": mesh.encoding_lr},
+            {"params": list(texture.mlp.parameters()), "lr": mesh.mlp_lr},
         ],
         betas=(0.9, 0.99),
-        eps=1e-15,
+        eps=mesh.adam_eps,
     )
-    timesteps = (
-        RandomTimesteps(20, 980)
-        if method == Method.SDS
-        else AnnealedTimesteps(tuple((float(f), float(t)) for f, t in spec.timestep_knots))
-    )
-    geometry_steps = int(opt.geometry_fraction * spec.steps)
+    volume_steps = runs[0].end if first.representation == "volume" else 0
+    frozen = [run for run in meshes if run.settings.freeze_geometry_at is not None]
+    geometry_steps = int(frozen[0].settings.freeze_geometry_at * spec.steps) if frozen else spec.steps
     return JobState(
         spec=spec,
+        profile=profile,
+        opt=opt,
+        runs=runs,
         stages=stages,
         device=device,
         volume=volume,
         volume_optimizer=volume_optimizer,
-        volume_steps=int(opt.volume_fraction * spec.steps),
+        volume_steps=volume_steps,
         geometry=geometry,
         texture=texture,
         optimizer=optimizer,
-        timesteps=timesteps,
-        noise=noise_provider(method, spec.seed, device),
         cameras=CameraSource(spec, rng),
         generator=generator,
         geometry_steps=geometry_steps,
         milestones=texture_milestones(geometry_steps, spec.steps),
     )
+
+
+def enter_mesh_stage(state: JobState, run: StageRun) -> None:
+    """A DMTet stage's learning rates and Adam epsilon on the mesh optimiser's groups, and geometry
+    that trains only where the stage gives it a learning rate."""
+    settings = run.settings
+    lrs = (settings.sdf_lr, settings.deformation_lr, settings.encoding_lr, settings.mlp_lr)
+    for group, lr in zip(state.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+        group["eps"] = settings.adam_eps
+    geometry = state.geometry
+    for parameter, lr in ((geometry.sdf, settings.sdf_lr), (geometry.deformation, settings.deformation_lr)):
+        parameter.requires_grad_(lr > 0.0 and run.start < state.geometry_steps)
 
 
 def texture_milestones(geometry_steps: int, steps: int, count: int = 3) -> set[int]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.distill.update import CFGForm, DistillationStep, distillation_step
+from server.distill.update import CFGForm, DistillationStep, Weighting, distillation_step
 from server.geometry.dmtet import TriangleMesh
 from server.geometry.regularizers import laplacian_smoothness, normal_consistency, sdf_sign_change
 from server.geometry.sdf_volume import VolumeRender
@@ -15,8 +15,9 @@ from server.job.errors import NonFiniteError, ShapeVanishedError
 from server.noise.base import NoiseQuery
 from server.pipeline.asset import TARGET_FACES
 from server.pipeline.export import png_bytes, prepare_atlas
-from server.pipeline.setup import OPTIMISATION, JobState, PriorStage
+from server.pipeline.setup import JobState, PriorStage, StageRun, enter_mesh_stage
 from server.render.mesh import MeshRender, render_mesh, sample_light_dirs
+from server.render.shading import BACKGROUND
 
 
 class StepTimer:
@@ -43,7 +44,7 @@ class StepOutcome:
 
 
 def optimisation_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepOutcome:
-    """One step of the job: a shape-stage step on the volume, then DMTet steps on its isosurface."""
+    """One step of the job: volume steps in a volume stage, then DMTet steps on its isosurface."""
     if step < state.volume_steps:
         return volume_step(state, step, timer)
     return mesh_step(state, step, timer)
@@ -56,7 +57,8 @@ def volume_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepO
     The DMTet's SDF follows the volume after every step, so the mesh a step reports is the surface it
     rendered (as a DMTet step's), and the texture field follows the albedo, so previews show the colour.
     """
-    opt, spec, device, volume = OPTIMISATION, state.spec, state.device, state.volume
+    opt, spec, device, volume = state.opt, state.spec, state.device, state.volume
+    run = state.run_at(step)
     stage = next(stage for stage in state.stages if step < stage.until)
     prior = stage.prior
     progress = step / max(state.volume_steps - 1, 1)
@@ -68,14 +70,15 @@ def volume_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepO
         views = max(spec.batch_size, opt.volume_views) if stage.views_per_group == 1 else spec.batch_size
         c2w, fovy, elevation, azimuth = state.cameras.sample(views, stage.views_per_group)
         light = sample_light_dirs(c2w[:, :3, 3], state.generator)
-        # The consistent noise needs whole latent pixels: at least the latent size, else half the
-        # job's render size (the volume is the costlier render).
-        size = max(spec.render_size // 2 // prior.latent_size, 1) * prior.latent_size
+        # The consistent noise needs whole latent pixels: the stage's size, else at least the latent
+        # size and half the job's render size (the volume is the costlier render).
+        half = max(spec.render_size // 2 // prior.latent_size, 1) * prior.latent_size
+        size = run.render_size(step, half)
         view = volume.render(
             c2w.to(device), fovy.to(device), size, light.to(device), beta, opt.volume_samples, state.generator
         )
-    t = state.timesteps(step, spec.steps, state.generator)
-    latents, flow = flow_gradient(state, stage, view, t, elevation, azimuth, timer)
+    t = run.t(step, spec.steps, state.generator)
+    latents, flow = flow_gradient(state, stage, run, view, t, elevation, azimuth, timer)
     with timer("regularisers"):
         loss = flow.loss / len(c2w)
         loss = loss + opt.eikonal_weight * view.eikonal
@@ -87,7 +90,7 @@ def volume_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepO
     with timer("optimiser"):
         state.volume_optimizer.step()
     with timer("noise"):
-        state.noise.reinject(spec.gamma)
+        run.noise.reinject(run.gamma(step, spec.gamma))
     with torch.no_grad():
         state.geometry.sdf.copy_(volume.at(state.geometry.grid_vertices))
         state.texture.set_base_colour(volume.albedo_logit)
@@ -117,7 +120,11 @@ def mesh_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepOut
     The backward pass runs the nodes created last first: regularisers, encoder (to the pixels),
     renderer (to the mesh vertices), marching tets (to the SDF and the deformation).
     """
-    opt, spec, device, geometry = OPTIMISATION, state.spec, state.device, state.geometry
+    opt, spec, device, geometry = state.opt, state.spec, state.device, state.geometry
+    run = state.run_at(step)
+    settings = run.settings
+    if step == run.start:
+        enter_mesh_stage(state, run)
     shaping = step < state.geometry_steps
     if step == state.geometry_steps:
         for p in (geometry.sdf, geometry.deformation):
@@ -132,25 +139,34 @@ def mesh_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepOut
         # A multi-view prior's views of one group share one timestep and one surface-attached noise
         # query, which is what its cross-view attention expects.
         c2w, fovy, elevation, azimuth = state.cameras.sample(spec.batch_size, stage.views_per_group)
+        # The stage's kind of render: lit colour, a normal map (geometry only, on black as the
+        # reference's rasteriser draws it), or unlit albedo.
+        normal_map = settings.render == "normal"
         view = render_mesh(
             mesh.vertices,
             mesh.faces,
             c2w.to(device),
             fovy.to(device),
-            spec.render_size,
-            color_fn=state.texture,
+            run.render_size(step, spec.render_size),
+            color_fn=None if normal_map else state.texture,
+            shading=settings.render,
             generator=state.generator,
+            background=(0.0, 0.0, 0.0) if normal_map else BACKGROUND,
         )
-    t = state.timesteps(step, spec.steps, state.generator)
-    latents, flow = flow_gradient(state, stage, view, t, elevation, azimuth, timer)
+    t = run.t(step, spec.steps, state.generator)
+    latents, flow = flow_gradient(state, stage, run, view, t, elevation, azimuth, timer)
     with timer("regularisers"):
         loss = flow.loss / len(c2w)
         if shaping:
             anneal = max(0.0, 1.0 - step / (0.5 * spec.steps))
-            sign_weight = opt.sign_weight_end + (opt.sign_weight_start - opt.sign_weight_end) * anneal
-            loss = loss + opt.normal_weight * normal_consistency(mesh)
-            loss = loss + opt.laplacian_weight * laplacian_smoothness(mesh)
-            loss = loss + sign_weight * sdf_sign_change(geometry.sdf, geometry.edges)
+            sign_start, sign_end = settings.sign_weight
+            sign_weight = sign_end + (sign_start - sign_end) * anneal
+            if settings.normal_weight:
+                loss = loss + settings.normal_weight * normal_consistency(mesh)
+            if settings.laplacian_weight:
+                loss = loss + settings.laplacian_weight * laplacian_smoothness(mesh)
+            if sign_weight:
+                loss = loss + sign_weight * sdf_sign_change(geometry.sdf, geometry.edges)
     check_finite(loss, step)
     state.optimizer.zero_grad(set_to_none=True)
     marks = [(latents, "regularisers"), (view.rgb, "encode_backward"), (mesh.vertices, "render_backward")]
@@ -158,7 +174,7 @@ def mesh_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepOut
     with timer("optimiser"):
         state.optimizer.step()
     with timer("noise"):
-        state.noise.reinject(spec.gamma)
+        run.noise.reinject(run.gamma(step, spec.gamma))
     if shaping and step % opt.island_cleanup_every == opt.island_cleanup_every - 1:
         with timer("island_cleanup"):
             geometry.remove_small_islands(optimizer=state.optimizer)
@@ -172,6 +188,7 @@ def mesh_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepOut
 def flow_gradient(
     state: JobState,
     stage: PriorStage,
+    run: StageRun,
     view: MeshRender | VolumeRender,
     t: int,
     elevation: torch.Tensor,
@@ -179,12 +196,13 @@ def flow_gradient(
     timer: StepTimer,
 ) -> tuple[torch.Tensor, DistillationStep]:
     """Encode the views, draw eps_tilde from the method's noise at the views' surface points, and
-    compute the flow gradient on the latents: the part of a step every stage shares."""
+    compute the flow gradient on the latents with the stage's CFG form, weighting and view-dependent
+    prompts: the part of a step every stage shares."""
     prior = stage.prior
     with timer("encode"):
         latents = prior.encode_images(view.rgb)
     with timer("noise"):
-        eps_tilde = state.noise.sample(
+        eps_tilde = run.noise.sample(
             NoiseQuery(
                 (prior.latent_size, prior.latent_size),
                 prior.latent_channels,
@@ -200,12 +218,12 @@ def flow_gradient(
             latents,
             eps_tilde.to(latents.dtype),
             t,
-            stage.embeddings.for_views(elevation, azimuth),
+            stage.embeddings.for_views(elevation, azimuth, front_back_deg=run.settings.front_back_deg),
             stage.embeddings.uncond,
             stage.schedule,
             stage.guidance_scale,
-            CFGForm(state.spec.cfg_form),
-            OPTIMISATION.weighting,
+            CFGForm(run.settings.cfg_form or state.spec.cfg_form),
+            Weighting(run.settings.weighting),
             c2w=view.c2w,
         )
     return latents, flow

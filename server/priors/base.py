@@ -18,11 +18,15 @@ import torch.nn.functional as F
 VIEW_SUFFIXES = (", front view", ", side view", ", back view", ", overhead view")
 FRONT, SIDE, BACK, OVERHEAD = range(4)
 OVERHEAD_ELEVATION_DEG = 60.0
-FRONT_HALF_ANGLE_DEG = 45.0
-BACK_HALF_ANGLE_DEG = 45.0
+FRONT_HALF_ANGLE_DEG = 45.0  # and the back's: DreamFusion's threshold
 
 
-def view_suffix_index(elevation_deg: float, azimuth_deg: float, front_azimuth_deg: float = 0.0) -> int:
+def view_suffix_index(
+    elevation_deg: float,
+    azimuth_deg: float,
+    front_azimuth_deg: float = 0.0,
+    front_back_deg: float = FRONT_HALF_ANGLE_DEG,
+) -> int:
     """Which of VIEW_SUFFIXES describes a camera at (elevation, azimuth), in degrees.
 
     DreamFusion / threestudio thresholds: overhead when the elevation exceeds 60 degrees; otherwise,
@@ -32,14 +36,15 @@ def view_suffix_index(elevation_deg: float, azimuth_deg: float, front_azimuth_de
 
     Azimuths follow `server.render.cameras.orbit_c2w` (0 on +X, counter-clockwise seen from +Z), and the
     object's front is where `front_azimuth_deg` points: 0 (+X) as in threestudio by default;
-    -90 puts the front towards Blender's Front view (a camera on -Y).
+    -90 puts the front towards Blender's Front view (a camera on -Y). `front_back_deg` replaces the
+    45 degrees on both sides (the CFD reference's Stable Diffusion stages use 30).
     """
     if elevation_deg > OVERHEAD_ELEVATION_DEG:
         return OVERHEAD
     relative = (azimuth_deg - front_azimuth_deg + 180.0) % 360.0 - 180.0
-    if abs(relative) < FRONT_HALF_ANGLE_DEG:
+    if abs(relative) < front_back_deg:
         return FRONT
-    if abs(relative) > 180.0 - BACK_HALF_ANGLE_DEG:
+    if abs(relative) > 180.0 - front_back_deg:
         return BACK
     return SIDE
 
@@ -53,13 +58,17 @@ class PromptEmbeddings:
     suffixes: list[str]  # [""] or the VIEW_SUFFIXES
 
     def for_views(
-        self, elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor, front_azimuth_deg: float = 0.0
+        self,
+        elevation_deg: torch.Tensor,
+        azimuth_deg: torch.Tensor,
+        front_azimuth_deg: float = 0.0,
+        front_back_deg: float = FRONT_HALF_ANGLE_DEG,
     ) -> torch.Tensor:
         """cond rows [B, L, D] for B cameras: the view-dependent row of each, or row 0 repeated."""
         if len(self.suffixes) == 1:
             return self.cond.expand(len(elevation_deg), -1, -1)
         rows = [
-            view_suffix_index(float(e), float(a), front_azimuth_deg)
+            view_suffix_index(float(e), float(a), front_azimuth_deg, front_back_deg)
             for e, a in zip(elevation_deg, azimuth_deg, strict=True)
         ]
         return self.cond[torch.tensor(rows, device=self.cond.device)]

@@ -52,16 +52,20 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from server.job.errors import MissingWeightsError
+from server.job.prior_kind import (
+    MULTIVIEW_CLASS,
+    ORIGINAL_FILE,
+    ORIGINAL_REPO,
+    checkpoints_in,
+    is_multiview_config,
+    local_mvdream,
+)
 from server.priors.base import Prior, cfg_batch
 from server.priors.diffusers_prior import WEIGHT_SUFFIXES, DiffusersPrior, check_folder, hub_offline
 from server.render.mvdream_cameras import VIEWS_PER_GROUP, camera_embedding
 
 DEFAULT_SOURCE = "ashawkey/mvdream-sd2.1-diffusers"
-ORIGINAL_REPO = "MVDream/MVDream"
-ORIGINAL_FILE = "sd-v2.1-base-4view.pt"
 SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
-MULTIVIEW_CLASS = "MultiViewUNetModel"
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 LDM_UNET_PREFIX = "model.diffusion_model."
 COMPONENTS = ("text_encoder", "tokenizer", "vae", "scheduler")
 # What the weights cannot tell, for a bare checkpoint: MVDream SD 2.1's 64-channel heads and 32x32 latents.
@@ -86,36 +90,20 @@ FIX = (
 
 
 def is_mvdream(spec: str) -> bool:
-    """Whether a job's `prior` names MVDream: "mvdream", a checkpoint file (.pt, .ckpt, ...), a folder
-    holding a MultiViewUNetModel (unet/config.json) or, without unet/, an original checkpoint, the
-    original hub repository, or a hub id whose cached unet/config.json is a MultiViewUNetModel (or,
-    not cached, whose name contains "mvdream"). Cheap and offline: `load_prior` dispatches on it."""
-    if spec in ("mvdream", ORIGINAL_REPO):
-        return True
-    path = Path(spec).expanduser()
-    if path.suffix in CHECKPOINT_SUFFIXES and not path.is_dir():  # even a missing one: MVDream's error
-        return True
-    if path.is_dir():
-        config = path / "unet" / "config.json"  # decides alone: SD repositories also hold .ckpt files
-        return _is_multiview_config(config) if config.is_file() else bool(_checkpoints_in(path))
-    if spec.count("/") != 1 or spec.startswith((".", "~", "/")):
-        return False
+    """Whether a job's `prior` names MVDream: what its name and local files tell
+    (`server.job.prior_kind.local_mvdream`), else for a hub id whether its cached unet/config.json is a
+    MultiViewUNetModel (or, not cached, whether its name contains "mvdream"). Cheap and offline:
+    `load_prior` dispatches on it."""
+    local = local_mvdream(spec)
+    if local is not None:
+        return local
     try:
         cached = try_to_load_from_cache(spec, "unet/config.json")
     except HFValidationError:
         return False
     if isinstance(cached, str):
-        return _is_multiview_config(Path(cached))
+        return is_multiview_config(Path(cached))
     return "mvdream" in spec.lower()
-
-
-def _is_multiview_config(path: Path) -> bool:
-    return path.is_file() and json.loads(path.read_text()).get("_class_name") == MULTIVIEW_CLASS
-
-
-def _checkpoints_in(folder: Path) -> list[Path]:
-    found = [p for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
-    return sorted(found, key=lambda p: (p.name != ORIGINAL_FILE, p.name))  # the SD 2.1 checkpoint first
 
 
 def locate_weights(
@@ -135,7 +123,7 @@ def locate_weights(
     if path.is_dir():
         if (path / "unet" / "config.json").is_file():
             return _diffusers_layout(path, name)
-        checkpoints = _checkpoints_in(path)
+        checkpoints = checkpoints_in(path)
         if checkpoints:
             return checkpoints[0], None, resolve_components(sd_source, offline)
         raise MissingWeightsError(

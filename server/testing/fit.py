@@ -44,8 +44,8 @@ class FitSettings:
     """Optimiser settings of the photometric fit.
 
     The regularisers, the SDF sign-change schedule and the island cleanup are the generator's
-    (`server.pipeline.setup.Optimisation`); only the mesh smoothness weights are rescaled, to a mean squared
-    pixel error (about 0.1 at the start) instead of the flow loss. The sign-change term
+    (the shapes profile, `server.job.profiles`); only the mesh smoothness weights are rescaled, to a mean
+    squared pixel error (about 0.1 at the start) instead of the flow loss. The sign-change term
     is what lets the surplus between the box and the sphere pinch off: at a tenth of its weight the
     grid-32 fit kept a bridge there (IoU 0.88 instead of 0.98).
     """
