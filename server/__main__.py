@@ -18,6 +18,7 @@ COMMANDS = {
     ),
     "serve": ("server.serve", "run the server Blender talks to (stdin/stdout, or TCP with --listen)"),
     "generate": ("server.pipeline.cli", "run a text-to-3D job headless and write the asset"),
+    "texture": ("server.pipeline.texture_cli", "texture an existing mesh headless, keeping it exactly"),
 }
 
 

@@ -98,6 +98,8 @@ BAD = [
     ({"preview_max_fps": 31}, "preview_max_fps"),
     ({"batch_size": 0}, "batch_size"),
     ({"batch_size": 9}, "batch_size"),
+    ({"kind": "retexture"}, "kind"),
+    ({"uv_mode": "auto"}, "uv_mode"),
     ({"resolution": 64}, "resolution"),
     ({"format": "other/2"}, "format"),
 ]
@@ -211,3 +213,14 @@ def test_job_events_stamp_the_job_id_and_throttle_previews() -> None:
     assert [m.type for m in decoded] == ["preview_mesh", "texture", "progress", "progress", "cancelled"]
     assert all(m.header["job_id"] == "j7" for m in decoded)
     assert decoded[3].header["stage"] == "custom"
+
+
+def test_a_texture_job_has_its_own_defaults_and_round_trips() -> None:
+    from server.job.spec import TEXTURE_DEFAULTS
+
+    spec = JobSpec.from_dict({"prompt": "a red cube", "kind": "texture"})
+    assert spec.steps == TEXTURE_DEFAULTS["steps"] < JobSpec(prompt="x").steps
+    assert spec.timestep_knots == TEXTURE_DEFAULTS["timestep_knots"] and spec.uv_mode == "keep"
+    assert JobSpec.from_dict(spec.to_json_dict()) == spec
+    chosen = JobSpec.from_dict({"prompt": "a red cube", "kind": "texture", "steps": 7, "uv_mode": "unwrap"})
+    assert (chosen.steps, chosen.uv_mode) == (7, "unwrap")

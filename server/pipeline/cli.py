@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from server.distill.update import Method
 from server.job.errors import JobSpecError, NonFiniteError
 from server.job.events import Events
 from server.job.spec import JobSpec
-from server.pipeline.asset import slug
+from server.pipeline.asset import JobResult, slug
 from server.pipeline.run import run_job
 
 
@@ -64,12 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 
 
-def spec_from_args(args: argparse.Namespace, seed: int) -> JobSpec:
+def spec_from_args(args: argparse.Namespace, seed: int, extra: dict | None = None) -> JobSpec:
     fields = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
         "seed": seed,
         "output_dir": str(args.out),
+        **(extra or {}),
     }
     keys = (
         "method",
@@ -85,7 +87,7 @@ def spec_from_args(args: argparse.Namespace, seed: int) -> JobSpec:
         "precision",
     )
     for key in keys:
-        value = getattr(args, key)
+        value = getattr(args, key, None)
         if value is not None:
             fields[key] = value
     return JobSpec.from_dict(fields)
@@ -106,11 +108,18 @@ def variant_grid(previews: list[Path], seeds: list[int], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    return run_variants(args, {}, lambda spec, events: run_job(spec, None, events, lambda: False))
+
+
+def run_variants(args: argparse.Namespace, extra: dict, run: Callable[[JobSpec, Events], JobResult]) -> int:
+    """One job per seed (`extra` settings added to the arguments'), each with a progress bar; the JSON
+    summary on stdout and, for several variants, their grid. Exit 2 on bad settings, 1 when no
+    variant finished."""
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [args.seed + i for i in range(max(1, args.variants))]
     try:
-        specs = [spec_from_args(args, seed) for seed in seeds]
+        specs = [spec_from_args(args, seed, extra) for seed in seeds]
     except JobSpecError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -118,12 +127,15 @@ def main(args: argparse.Namespace) -> int:
     for seed, spec in zip(seeds, specs, strict=True):
         bar = ProgressBar(f"seed {seed}", spec.steps)
         try:
-            results.append(run_job(spec, None, bar, lambda: False))
+            results.append(run(spec, bar))
         except NonFiniteError as error:  # this seed diverged or its shape vanished: the next may not
             print(
                 f"seed {seed}: error: {error}; try another seed, or a lower --guidance-scale", file=sys.stderr
             )
             continue
+        except JobSpecError as error:  # the input itself (a texture job's UV map): no seed can help
+            print(f"error: {error}; fix: {getattr(error, 'fix', 'change it')}", file=sys.stderr)
+            return 2
         finally:
             bar.close()
         done_seeds.append(seed)

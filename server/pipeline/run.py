@@ -22,7 +22,18 @@ from server.job.events import Events
 from server.job.spec import JobSpec
 from server.pipeline.asset import JobResult, write_asset
 from server.pipeline.setup import start_job
-from server.pipeline.step import optimisation_step
+from server.pipeline.step import StepOutcome, optimisation_step
+
+
+def report_step(events: Events, spec: JobSpec, step: int, outcome: StepOutcome, start: float) -> bool:
+    """Stream a step's milestone texture and its progress; True when a preview mesh is due."""
+    if outcome.texture_png is not None:
+        events.texture(step + 1, outcome.texture_png, spec.texture_size, spec.texture_size)
+    elapsed = time.perf_counter() - start
+    eta = elapsed / (step + 1) * (spec.steps - step - 1)
+    stage = "shape" if outcome.shaping else "texture"
+    events.progress(step + 1, spec.steps, stage, outcome.t, outcome.loss, eta, elapsed)
+    return events.preview_due() or step == spec.steps - 1
 
 
 def run_job(
@@ -38,13 +49,7 @@ def run_job(
         if should_cancel():
             raise Cancelled(step)
         outcome = optimisation_step(state, step)
-        if outcome.texture_png is not None:
-            events.texture(step + 1, outcome.texture_png, spec.texture_size, spec.texture_size)
-        elapsed = time.perf_counter() - start
-        eta = elapsed / (step + 1) * (spec.steps - step - 1)
-        stage = "shape" if outcome.shaping else "texture"
-        events.progress(step + 1, spec.steps, stage, outcome.t, outcome.loss, eta, elapsed)
-        if events.preview_due() or step == spec.steps - 1:
+        if report_step(events, spec, step, outcome, start):
             mesh = outcome.mesh
             with torch.no_grad():
                 colors = (state.texture(mesh.vertices) * 255).round().to(torch.uint8)

@@ -119,6 +119,13 @@ def prior_stages(spec: JobSpec, device: torch.device) -> list[PriorStage]:
     return stages
 
 
+def job_timesteps(spec: JobSpec) -> AnnealedTimesteps | RandomTimesteps:
+    """t per step: uniformly random for SDS (as DreamFusion), annealed along the job's knots otherwise."""
+    if Method(spec.method) == Method.SDS:
+        return RandomTimesteps(20, 980)
+    return AnnealedTimesteps(tuple((float(f), float(t)) for f, t in spec.timestep_knots))
+
+
 def noise_provider(method: Method, seed: int, device: torch.device) -> NoiseProvider:
     """eps_tilde's source: surface-attached for CFD, world-map for FSD, fresh for SDS."""
     if method == Method.CFD:
@@ -244,11 +251,7 @@ def start_job(
         betas=(0.9, 0.99),
         eps=1e-15,
     )
-    timesteps = (
-        RandomTimesteps(20, 980)
-        if method == Method.SDS
-        else AnnealedTimesteps(tuple((float(f), float(t)) for f, t in spec.timestep_knots))
-    )
+    timesteps = job_timesteps(spec)
     geometry_steps = int(opt.geometry_fraction * spec.steps)
     return JobState(
         spec=spec,
