@@ -49,7 +49,9 @@ def extension_zip(tmp_path_factory) -> Path:
     return next(out.glob("blender_cfd-*.zip"))
 
 
-def run_scenario(name: str, extension_zip: Path, tmp_path: Path, returncode: int = 0) -> dict:
+def run_scenario(
+    name: str, extension_zip: Path, tmp_path: Path, returncode: int = 0, timeout: float = 180
+) -> dict:
     env = dict(os.environ)
     env.update(
         BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"),
@@ -58,7 +60,7 @@ def run_scenario(name: str, extension_zip: Path, tmp_path: Path, returncode: int
         OMP_NUM_THREADS="1",
     )
     command = [sys.executable, str(TESTS / "blender_scenarios.py"), name, str(extension_zip), str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
     assert result.returncode == returncode, (
         f"scenario {name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     )
@@ -360,6 +362,13 @@ def test_generate_streams_then_rerolls_and_regenerates_variants(extension_zip, t
 def test_a_real_job_on_the_shapes_prior_becomes_a_textured_variant(extension_zip, tmp_path):
     result = run_scenario("shapes_prior", extension_zip, tmp_path)
     assert result["variants"] == ["a red cube (seed 3)", "a red cube (seed 3).001"]
+
+
+@needs_bpy
+def test_texture_selected_makes_textured_copies_of_the_cube_it_keeps(extension_zip, tmp_path):
+    """Two real 60-step texture jobs on the shapes prior: about a minute on 2 busy cores."""
+    result = run_scenario("texture_selected", extension_zip, tmp_path, timeout=480)
+    assert result["copies"][0] == "a red cube (seed 5)"
 
 
 @needs_bpy

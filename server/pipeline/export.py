@@ -181,12 +181,13 @@ def rasterize_uv(uvs: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndar
 def uv_problem(uvs: np.ndarray, faces: np.ndarray, size: int, overlap_limit: float = 0.01) -> str | None:
     """Why a mesh's own UV layout cannot take a baked texture of `size`^2, or None when it can.
 
-    Out of the unit square (a tiling or UDIM layout) or overlapping (mirrored or stacked islands: one
-    texel would have to hold two colours) beyond `overlap_limit` of the covered texels (texel centres
-    exactly on a shared edge count twice, so a small share is no overlap).
+    Out of the unit square beyond half a texel (a tiling or UDIM layout), or overlapping (mirrored or
+    stacked islands: one texel would have to hold two colours) beyond `overlap_limit` of the covered
+    texels (texel centres exactly on a shared edge count twice, so a small share is no overlap).
     """
     uvs = np.asarray(uvs, np.float64)
-    outside = (uvs < 0.0) | (uvs > 1.0)
+    slack = 0.5 / size  # within half a texel of the border (a subdivided map's rounding) still bakes
+    outside = (uvs < -slack) | (uvs > 1.0 + slack)
     if outside.any():
         share = outside.any(axis=1)[np.asarray(faces)].any(axis=1).mean()
         return f"{share:.0%} of the faces have UVs outside the unit square [0, 1]"
