@@ -249,3 +249,32 @@ def test_textured_meshes_take_the_colour_the_prompt_names(tmp_path: Path) -> Non
                 wrong.append(f"a {colour} {shape} (seed {seed}): {judged}")
             runs += 1
     assert runs == 24 and len(wrong) <= 0.05 * runs, wrong
+
+
+def test_texture_jobs_come_only_with_their_mesh_and_an_old_server_is_named(tmp_path: Path) -> None:
+    from server.wire.client import texture_unsupported
+    from tests import fake_runner
+
+    server = InProcessServer(fake_runner.run_job, tmp_path)
+    try:
+        connection = server.connection
+        connection.hello()
+        connection.generate("no-mesh", {"prompt": "a red cube", "kind": "texture"})
+        error = connection.wait_for(FINAL, 10)
+        assert error.header["code"] == protocol.BAD_SETTINGS and "texture_mesh" in error.header["message"]
+        vertices, faces, _ = uv_sphere()
+        connection.texture_mesh("not-texture", {"prompt": "a red cube", "kind": "generate"}, vertices, faces)
+        assert connection.wait_for(FINAL, 10).header["message"].startswith("kind: ")
+        assert texture_unsupported(error) is None
+    finally:
+        server.close()
+    # What a server older than texture_mesh answers (its `_dispatch` words it so): the user is told why.
+    old = protocol.decode_frame(
+        protocol.error(
+            "j1",
+            protocol.UNKNOWN_TYPE,
+            "unknown message type 'texture_mesh'; this server knows cancel, generate, hello, ping, shutdown",
+            "install matching versions of the Blender extension and the server",
+        )
+    )
+    assert "cannot texture a mesh" in texture_unsupported(old)
