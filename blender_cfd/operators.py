@@ -28,14 +28,15 @@ def job_from_panel(context: bpy.types.Context, location) -> tuple[dict, tuple[np
     return job, init_mesh(context, job)
 
 
-def panel_job(context: bpy.types.Context, location) -> dict:
-    """The job the sidebar describes (ValueError: what is missing)."""
+def panel_job(context: bpy.types.Context, location, scene_cameras: bool = True) -> dict:
+    """The job the sidebar describes (ValueError: what is missing). Without `scene_cameras` the
+    orbit rig is used whatever the camera source (a texture job sees its mesh scaled to the views)."""
     settings = context.scene.cfd
     prefs = preferences()
     if not settings.prompt.strip():
         raise ValueError("Type a prompt first")
     orbit = cameras = None
-    if settings.camera_source == "RIG":
+    if settings.camera_source == "RIG" or not scene_cameras:
         rig = settings.camera_rig
         orbit = {}  # the server's default ranges
         if rig is not None:
@@ -245,7 +246,7 @@ class CFD_OT_texture_selected(bpy.types.Operator):
     def execute(self, context):
         source = texture_target(context)
         try:
-            job = panel_job(context, tuple(source.location))
+            job = panel_job(context, tuple(source.location), scene_cameras=False)
         except ValueError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}

@@ -294,6 +294,29 @@ def test_init_mesh_is_centred_and_fits_the_grid():
         normalized_init_mesh(np.zeros((3, 3)), np.array([[0, 1, 2]]))
 
 
+def test_a_texture_job_is_a_valid_spec_with_the_qualitys_texture_steps():
+    from blender_cfd_ext.blender_cfd import jobs
+
+    from server.job.spec import JobSpec
+
+    panel = jobs.build_job(
+        **{"prompt": "a red cube", "negative_prompt": "", "seed": 4, "quality": "DRAFT", "method": "CFD"},
+        **{"guidance_scale": 10.0, "init_shape": "SPHERE", "prior": "SHAPES", "device": "CPU"},
+        **{"precision": "AUTO", "output_dir": "out", "orbit": {}},
+    )
+    spec = JobSpec.from_dict(jobs.texture_job(panel, "DRAFT", fresh_uvs=True))
+    assert (spec.kind, spec.uv_mode, spec.steps) == ("texture", "unwrap", jobs.TEXTURE_STEPS["DRAFT"])
+    assert (
+        JobSpec.from_dict(jobs.texture_job(panel, "STANDARD", fresh_uvs=False)).steps
+        == JobSpec.from_dict({"prompt": "x", "kind": "texture"}).steps
+    ), "Standard is the server's own texture default"
+    assert (
+        jobs.decimate_ratio(3 * jobs.TEXTURE_FACE_LIMIT) * 3 * jobs.TEXTURE_FACE_LIMIT
+        < jobs.TEXTURE_FACE_LIMIT
+    )
+    assert jobs.decimate_ratio(10) == 1.0
+
+
 def test_environment_paths_and_setup_commands(tmp_path):
     from blender_cfd_ext.blender_cfd import environment
 
