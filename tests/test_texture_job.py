@@ -124,6 +124,25 @@ def test_a_bad_uv_map_fails_with_its_fix_and_writes_nothing(tmp_path: Path) -> N
     assert result.returncode == 2, result.stderr
     assert "outside the unit square" in result.stderr and "--unwrap" in result.stderr
     assert not out.exists() or not any(out.iterdir())
+    unwrapped = run_texture_cli(mesh, out, "--prompt", "a red sphere", "--unwrap")
+    assert unwrapped.returncode == 0, unwrapped.stderr  # the fix the error names works
+    asset = read_glb(Path(json.loads(unwrapped.stdout.strip().splitlines()[-1])["glb"]))
+    assert uv_problem(np.asarray(asset.visual.uv), asset.faces, 128) is None
+
+
+def test_mesh_files_are_read_in_the_servers_z_up_frame(tmp_path: Path) -> None:
+    from server.pipeline.texture_cli import load_mesh
+
+    vertices, faces, uvs = uv_sphere()
+    glb = load_mesh(write_glb(tmp_path / "sphere.glb", vertices, faces, uvs))
+    assert np.array_equal(glb.vertices, vertices) and np.array_equal(glb.faces, faces)  # Y up undone, bitwise
+    np.testing.assert_allclose(glb.uvs, uvs[faces], atol=2**-22)
+    trimesh.Trimesh(vertices, faces, process=False).export(tmp_path / "sphere.ply")
+    ply = load_mesh(tmp_path / "sphere.ply")
+    assert np.array_equal(ply.vertices, vertices) and ply.uvs is None  # PLY: as it is
+    for name, words in (("sphere.stl", "unsupported file type"), ("missing.glb", "does not exist")):
+        with pytest.raises(MeshInputError, match=words):
+            load_mesh(tmp_path / name)
 
 
 # ------------------------------------------------------------------------- the mesh is kept
