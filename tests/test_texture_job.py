@@ -238,7 +238,7 @@ ACCURACY_SEED = 100  # the colour runs use seeds 100-123, one per run; the steps
 @pytest.mark.slow
 def test_textured_meshes_take_the_colour_the_prompt_names(tmp_path: Path) -> None:
     """3 meshes x 8 colours at the benchmark's texture steps, judged from each GLB's baked texture:
-    at least 95 % (23 of 24) right. About 4 min on 2 idle cores (10 min on busy ones)."""
+    at least 95 % (23 of 24) right. About 5 min on 2 cores (304 s measured; 10 min on busy ones)."""
     import torch
 
     from bench.quality import TEXTURE_STEPS, judge_texture_colour, texture_meshes
