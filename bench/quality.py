@@ -25,6 +25,12 @@ with a colour ("a red cube", colours cycling through all eight), `--shape-seeds`
 judged against the true primitives (`server.shapes.solid`). `--judge-assets DIR` re-judges the
 assets an earlier run wrote instead of generating.
 
+Texture only (`texture_only` per method, CFD and SDS by default): the artist's-mesh path
+(`server.pipeline.texture.run_texture_job`) on a sphere, a cube and a torus mesh (`texture_meshes`),
+each prompted in all eight colours, `--texture-seeds` seeds from 100 per prompt at `--texture-steps`,
+and the colour judged from the GLB's baked texture (`judge_texture_colour`): colour accuracy and
+seconds per asset.
+
 The default: 2 specific and 3 open prompts, seeds 0-7, plus 5 primitives x 4 seeds, for 3 methods,
 at the job's default steps (600), over two worker processes of one thread each: 180 runs, about
 three hours on 2 cores; the shape-accuracy part alone (`--specific "" --open ""`) about 42 minutes
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -60,8 +67,10 @@ from server.geometry.mesh_sdf import lattice_inside
 from server.geometry.tetgrid import lattice_vertices
 from server.job.errors import Cancelled
 from server.job.events import Events
+from server.job.fixed_mesh import FixedMesh
 from server.job.spec import JobSpec
 from server.pipeline.run import run_job
+from server.pipeline.texture import run_texture_job
 from server.priors import SHAPES_WEIGHTS
 from server.render.cameras import orbit_c2w
 from server.render.mesh import render_mesh
@@ -77,6 +86,9 @@ JUDGE_SIZE = 32  # the shapes prior's (and its judge's) image size
 DISTANCE_SIZE = 64
 GRID_VIEWS = 2  # of JUDGE_VIEWS, side by side in a grid cell
 IOU_LATTICE = 64
+TEXTURE_METHODS = ("cfd", "sds")
+TEXTURE_SHAPES = ("sphere", "cube", "torus")
+TEXTURE_STEPS = 60  # gave the named colour in 24 of 24 tuning runs (seed 2), 23 of 24 at 40 steps
 SHAPE_SEED_OFFSET = 100  # the shape-accuracy runs use seeds 100, 101, ...: none was used in tuning
 SHAPE_IOU_FLOOR = 0.65  # a verdict also needs this IoU: a perfect flat disc scores 0.61 as a torus
 
@@ -302,6 +314,78 @@ def judge_folder(folder: Path) -> list[AssetRun]:
     return assets
 
 
+# ------------------------------------------------------------------------------------ texture only
+
+
+@dataclass
+class TextureRun:
+    """One texture job on an artist's mesh, judged from the GLB it wrote."""
+
+    prompt: str
+    method: str
+    seed: int
+    seconds: float
+    colour: str  # the named colour covering most of the baked surface
+    colour_right: bool
+
+
+@functools.lru_cache(maxsize=1)
+def texture_meshes() -> dict[str, FixedMesh]:
+    """A sphere, a cube and a torus as an artist would model them (finely enough tessellated for the
+    judge's per-vertex texture samples), placed and sized unlike the primitives the prior knows."""
+    cube = trimesh.creation.box((2.0, 2.0, 2.0))
+    for _ in range(3):
+        cube = cube.subdivide()
+    meshes = {
+        "sphere": trimesh.creation.icosphere(3, radius=1.5),
+        "cube": cube,
+        "torus": trimesh.creation.torus(2.0, 0.8, 48, 16),
+    }
+    offset = np.float32([4.0, -1.0, 0.5])
+    return {
+        name: FixedMesh.from_arrays(np.asarray(mesh.vertices, np.float32) + offset, np.asarray(mesh.faces))
+        for name, mesh in meshes.items()
+    }
+
+
+def judge_texture_colour(glb: Path) -> str:
+    """The named colour covering most of an asset's surface, read from its baked texture: each face
+    votes with its area for the colour nearest its texture colour at its corners' UVs."""
+    return judge_colour(*load_glb_z_up(glb))
+
+
+def texture_prompts(seeds: int, first_seed: int = SHAPE_SEED_OFFSET) -> list[tuple[str, int]]:
+    """Every texture mesh in every colour, each prompt with its own `seeds` seeds (never tuned on)."""
+    prompts = [f"a {colour} {shape}" for shape in TEXTURE_SHAPES for colour in COLOURS]
+    return [(prompt, first_seed + i * seeds + k) for i, prompt in enumerate(prompts) for k in range(seeds)]
+
+
+def one_texture(job: dict) -> TextureRun:
+    """Texture the mesh the prompt names and judge the GLB."""
+    mesh = texture_meshes()[parse_caption(job["prompt"])[1]]
+    result = run_texture_job(JobSpec.from_dict(job), mesh, Events(), lambda: False)
+    colour = judge_texture_colour(result.glb)
+    return TextureRun(
+        job["prompt"],
+        job["method"],
+        job["seed"],
+        round(result.seconds, 2),
+        colour,
+        colour == parse_caption(job["prompt"])[0],
+    )
+
+
+def summarise_textures(runs: list[TextureRun], methods: list[str]) -> dict[str, dict]:
+    return {
+        method: {
+            "colour_accuracy": _mean([float(r.colour_right) for r in runs if r.method == method]),
+            "seconds_mean": _mean([r.seconds for r in runs if r.method == method]),
+            "runs": sum(r.method == method for r in runs),
+        }
+        for method in methods
+    }
+
+
 def summarise_assets(assets: list[AssetRun], methods: list[str]) -> dict[str, dict]:
     """Per method: shape and colour accuracy over every run, and per primitive."""
     summary = {}
@@ -477,6 +561,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="judge the assets an earlier run wrote into this folder instead of generating (e.g. after a "
         "change of the judge)",
     )
+    parser.add_argument(
+        "--texture-seeds", type=int, default=1, help="seeds per texture-only prompt (24 prompts); 0: skip"
+    )
+    parser.add_argument("--texture-steps", type=int, default=TEXTURE_STEPS)
+    parser.add_argument("--texture-methods", default=",".join(TEXTURE_METHODS))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     parser.add_argument(
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel, one process each"
@@ -506,13 +595,24 @@ def main(args: argparse.Namespace) -> int:
             shape_prompts(args.shape_seeds, args.shape_first_seed), methods
         )
     ]
+    texture_methods = [m.strip() for m in args.texture_methods.split(",") if m.strip()]
+    texture_jobs = [
+        {"prompt": prompt, "method": method, "seed": seed, "kind": "texture", "steps": args.texture_steps}
+        | {"render_size": args.render_size, "device": "cpu", "output_dir": str(args.out / "textures")}
+        for (prompt, seed), method in itertools.product(texture_prompts(args.texture_seeds), texture_methods)
+    ]
     assets: list[AssetRun] = []
+    textures: list[TextureRun] = []
     if args.judge_assets is not None:
-        jobs, asset_jobs = [], []
+        jobs, asset_jobs, texture_jobs = [], [], []
         assets = judge_folder(args.judge_assets)
         methods = [m for m in methods if any(a.method == m for a in assets)]
     bar = tqdm(
-        total=len(jobs) + len(asset_jobs), desc="quality", unit="run", file=sys.stderr, dynamic_ncols=True
+        total=len(jobs) + len(asset_jobs) + len(texture_jobs),
+        desc="quality",
+        unit="run",
+        file=sys.stderr,
+        dynamic_ncols=True,
     )
     # Every run is seeded, so the workers change the wall time, never the figures.
     workers = ProcessPoolExecutor(  # spawned, not forked: safe beside torch's threads, and as on Windows
@@ -531,6 +631,10 @@ def main(args: argparse.Namespace) -> int:
             assets.append(asset)
             bar.set_postfix_str(f"{asset.prompt} / {asset.method} / seed {asset.seed}")
             bar.update()
+        for texture in pool.map(one_texture, texture_jobs):
+            textures.append(texture)
+            bar.set_postfix_str(f"texture {texture.prompt} / {texture.method} / seed {texture.seed}")
+            bar.update()
     bar.close()
 
     result = summarise(runs, renders, open_prompts, methods)
@@ -548,6 +652,12 @@ def main(args: argparse.Namespace) -> int:
     print_tables(result, methods)
     if assets:
         print_asset_table(result, methods)
+    if textures:
+        result["texture_only"] = summarise_textures(textures, texture_methods)
+        print(f"\n{'texture only':<24}" + "".join(f"{m:>10}" for m in texture_methods))
+        for key in ("colour_accuracy", "seconds_mean"):
+            figures = [result["texture_only"][m][key] for m in texture_methods]
+            print(f"{key:<24}" + "".join(f"{f:>10.3f}" for f in figures))
     seconds = time.perf_counter() - start
     print(
         f"\n{len(runs)} runs of {args.steps} steps in {seconds / 60:.1f} min; "
@@ -575,12 +685,15 @@ def main(args: argparse.Namespace) -> int:
                 "shape_seeds": args.shape_seeds,
                 "shape_first_seed": args.shape_first_seed,
                 "shape_iou_floor": SHAPE_IOU_FLOOR,
+                "texture_seeds": args.texture_seeds,
+                "texture_steps": args.texture_steps,
             },
             "seconds": round(seconds, 1),
             **result,
             "pngs": pngs,
             "runs": [asdict(r) for r in runs],
             "assets": [asdict(a) for a in assets],
+            "textures": [asdict(t) for t in textures],
         }
         print(json.dumps(record))
     return 0

@@ -23,12 +23,19 @@ PLACEMENT_SLACK = 1e-4  # scene units: rounding, so that a spot just placed clea
 
 def job_from_panel(context: bpy.types.Context, location) -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
     """The job the sidebar describes, and the starting mesh if it names one (ValueError: what is missing)."""
+    job = panel_job(context, location)
+    return job, init_mesh(context, job)
+
+
+def panel_job(context: bpy.types.Context, location, scene_cameras: bool = True) -> dict:
+    """The job the sidebar describes (ValueError: what is missing). Without `scene_cameras` the
+    orbit rig is used whatever the camera source (a texture job sees its mesh scaled to the views)."""
     settings = context.scene.cfd
     prefs = preferences()
     if not settings.prompt.strip():
         raise ValueError("Type a prompt first")
     orbit = cameras = None
-    if settings.camera_source == "RIG":
+    if settings.camera_source == "RIG" or not scene_cameras:
         rig = settings.camera_rig
         orbit = {}  # the server's default ranges
         if rig is not None:
@@ -59,7 +66,28 @@ def job_from_panel(context: bpy.types.Context, location) -> tuple[dict, tuple[np
         orbit=orbit,
         cameras=cameras,
     )
-    return job, init_mesh(context, job)
+    return job
+
+
+def send_texture_job(operator, context, job: dict, source: bpy.types.Object) -> set[str]:
+    """Texture `source` as it is now (modifiers applied, local space, active UV map), keeping it: the
+    result is a copy at its transform. Above the face limit it refuses and names the way out."""
+    triangles = scene_objects.triangle_count(context, source)
+    if triangles > jobs.TEXTURE_FACE_LIMIT:
+        operator.report(
+            {"ERROR"},
+            f"{source.name} has {triangles} triangles, above the limit of {jobs.TEXTURE_FACE_LIMIT}: "
+            "click Decimate a Copy and texture the copy",
+        )
+        return {"CANCELLED"}
+    vertices, faces, uvs = scene_objects.local_mesh(context, source)
+    if context.scene.cfd.fresh_uvs or job.get("uv_mode") == "unwrap":
+        uvs = None
+    ctl = session.get()
+    if ctl.start(context, job, tuple(source.location), source=source, surface=(vertices, faces, uvs)) is None:
+        operator.report({"ERROR"}, f"{ctl.error.message}. {ctl.error.fix}")
+        return {"CANCELLED"}
+    return finish_if_waiting(operator, ctl)
 
 
 def init_mesh(context: bpy.types.Context, job: dict) -> tuple[np.ndarray, np.ndarray] | None:
@@ -153,6 +181,11 @@ def send_job(operator, context, job: dict, location, size: float, mesh=None) -> 
         return {"CANCELLED"}
     if first and preferences().frame_first_result:
         scene_objects.frame_in_views(context, result_centre(location, size), size / 2)
+    return finish_if_waiting(operator, ctl)
+
+
+def finish_if_waiting(operator, ctl: session.Session) -> set[str]:
+    """With the operator's `wait`, block until the started job's asset is in (or it failed)."""
     if operator.wait:
         ctl.wait()
         if ctl.error is not None:
@@ -205,6 +238,60 @@ class CFD_OT_generate(bpy.types.Operator):
         return send_job(self, context, job, location, size, mesh)
 
 
+class CFD_OT_texture_selected(bpy.types.Operator):
+    """Texture the selected mesh from the prompt, keeping its shape: a textured copy appears in its
+    place (the original is hidden, never changed)"""
+
+    bl_idname = "cfd.texture_selected"
+    bl_label = "Texture Selected"
+    bl_options = {"REGISTER"}  # noqa: RUF012 (the finished copy pushes its own undo step)
+
+    wait: WAIT
+
+    @classmethod
+    def poll(cls, context):
+        if scene_objects.texture_target(context) is None:
+            cls.poll_message_set("Select a mesh object to texture")
+            return False
+        if not context.scene.cfd.prompt.strip():
+            cls.poll_message_set("Type a prompt first: it describes the texture")
+            return False
+        return _poll_idle(cls, context)
+
+    def execute(self, context):
+        source = scene_objects.texture_target(context)
+        try:
+            job = panel_job(context, tuple(source.location), scene_cameras=False)
+        except ValueError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        settings = context.scene.cfd
+        return send_texture_job(
+            self, context, jobs.texture_job(job, settings.quality, settings.fresh_uvs), source
+        )
+
+
+class CFD_OT_decimate_copy(bpy.types.Operator):
+    """Make a decimated copy of the selected mesh, under the face limit of Texture Selected (the
+    original is not changed); then texture the copy"""
+
+    bl_idname = "cfd.decimate_copy"
+    bl_label = "Decimate a Copy"
+    bl_options = {"REGISTER", "UNDO"}  # noqa: RUF012
+
+    @classmethod
+    def poll(cls, context):
+        return scene_objects.texture_target(context) is not None
+
+    def execute(self, context):
+        source = scene_objects.texture_target(context)
+        ratio = jobs.decimate_ratio(scene_objects.triangle_count(context, source))
+        copy = scene_objects.decimated_copy(context, source, ratio)
+        source.hide_set(True)
+        self.report({"INFO"}, f"{copy.name}: {scene_objects.triangle_count(context, copy)} triangles")
+        return {"FINISHED"}
+
+
 class CFD_OT_reroll(bpy.types.Operator):
     """Same settings as the selected (or last) variant with a new seed, placed beside it"""
 
@@ -220,6 +307,12 @@ class CFD_OT_reroll(bpy.types.Operator):
 
     def execute(self, context):
         reference = reference_variant(context)
+        source = bpy.data.objects.get(reference.get("cfd_source", "")) if reference is not None else None
+        if source is not None:  # a textured copy: texture its original again with a new seed
+            job = machine_job(jobs.decode_job(reference["cfd_job"]))
+            job = jobs.with_seed(job, jobs.new_seed(np.random.default_rng(), avoid=job["seed"]))
+            context.scene.cfd.seed = job["seed"]
+            return send_texture_job(self, context, job, source)
         size = result_size(context, reference)
         try:
             if reference is not None:
@@ -263,6 +356,9 @@ class CFD_OT_regenerate(bpy.types.Operator):
         if settings.guidance_override:
             settings.guidance_scale = job["guidance_scale"]
         settings.method = job["method"].upper()
+        source = bpy.data.objects.get(variant.get("cfd_source", ""))
+        if source is not None:  # a textured copy: the same job on its original again
+            return send_texture_job(self, context, job, source)
         settings.quality = jobs.quality_of(job) or settings.quality
         settings.init_shape = {v: k for k, v in jobs.INIT_SHAPES.items()}.get(job["init_shape"], "SPHERE")
         settings.size = size = result_size(context, variant)
@@ -426,6 +522,8 @@ class CFD_OT_open_output_folder(bpy.types.Operator):
 
 CLASSES = (
     CFD_OT_generate,
+    CFD_OT_texture_selected,
+    CFD_OT_decimate_copy,
     CFD_OT_reroll,
     CFD_OT_regenerate,
     CFD_OT_cancel,

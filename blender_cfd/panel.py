@@ -144,6 +144,7 @@ class CFD_PT_generate(bpy.types.Panel):
             layout.label(text=f"Estimated {jobs.format_duration(seconds)} on {device}", icon="TIME")
             if not settings.prompt.strip():
                 layout.label(text="Type a prompt to generate", icon="INFO")
+            draw_texture_selected(context, layout)
 
         if job.error is not None:
             box = layout.box()
@@ -158,6 +159,24 @@ class CFD_PT_generate(bpy.types.Panel):
             if job.error.code in session.ENVIRONMENT_ERRORS:
                 col.operator("cfd.check_environment", icon="CHECKMARK")
             col.operator("cfd.dismiss_error", icon="X")
+
+
+def draw_texture_selected(context: bpy.types.Context, layout: bpy.types.UILayout) -> None:
+    """Texture Selected with its UV choice; above the face limit, the way out instead."""
+    target = scene_objects.texture_target(context)
+    if target is None:
+        return
+    triangles = scene_objects.triangle_count(context, target)
+    box = layout.box()
+    if triangles > jobs.TEXTURE_FACE_LIMIT:
+        limit = jobs.TEXTURE_FACE_LIMIT
+        text = f"{target.name}: {triangles} triangles, above the {limit} limit of Texture Selected"
+        _wrapped(box, text, _line_width(context), icon="ERROR")
+        box.operator("cfd.decimate_copy", icon="MOD_DECIM")
+        return
+    row = box.row(align=True)
+    row.operator("cfd.texture_selected", icon="TEXTURE")
+    row.prop(context.scene.cfd, "fresh_uvs", text="", icon="UV")
 
 
 class CFD_PT_variants(bpy.types.Panel):

@@ -75,6 +75,11 @@ class CFDSettings(bpy.types.PropertyGroup):
     )
     init_shape: EnumProperty(name="Start", items=INIT_ITEMS, default="SPHERE")
     init_object: PointerProperty(name="Mesh", type=bpy.types.Object, poll=_is_mesh)
+    fresh_uvs: BoolProperty(
+        name="Fresh UVs",
+        description="Texture selected: bake into a new UV unwrap instead of the mesh's own UV map",
+        default=False,
+    )
 
 
 def _rebuild_rig(self, context) -> None:

@@ -238,19 +238,37 @@ def textured_material(name: str, image: bpy.types.Image) -> bpy.types.Material:
 
 
 def finish_variant(
-    obj: bpy.types.Object, asset: GlbMesh, name: str, properties: dict, location, size: float
+    obj: bpy.types.Object,
+    asset: GlbMesh,
+    name: str,
+    properties: dict,
+    location=None,
+    size: float | None = None,
+    kept: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> bpy.types.Object:
-    """Turn the streaming object into the final asset: UV-textured mesh, material, name, properties,
-    `size` across its largest dimension, its origin (the bottom centre) at `location`."""
+    """Turn the streaming object into the final asset: UV-textured mesh, material, name, properties.
+
+    A generated result is `size` across its largest dimension, its origin (the bottom centre) at
+    `location`. A texture job's copy keeps the transform it streamed at, and `kept`, the sent
+    (vertices, triangles): when the asset's triangles are those, the mesh is built from them, welded
+    as the original is, with the asset's UVs."""
     mesh = obj.data
-    fill_mesh(mesh, resting_positions(asset.positions, size), asset.faces)
-    obj.location = location
-    obj.rotation_euler = (0.0, 0.0, 0.0)
-    obj.scale = (1.0, 1.0, 1.0)
-    if asset.corner_uvs is not None:
+    uvs = welded_uvs(asset, *kept) if kept is not None else None
+    if uvs is not None:
+        fill_mesh(mesh, kept[0], kept[1])
+    elif kept is not None:
+        fill_mesh(mesh, asset.positions, asset.faces)
+        uvs = asset.corner_uvs
+    else:
+        fill_mesh(mesh, resting_positions(asset.positions, size), asset.faces)
+        obj.location = location
+        obj.rotation_euler = (0.0, 0.0, 0.0)
+        obj.scale = (1.0, 1.0, 1.0)
+        uvs = asset.corner_uvs
+    if uvs is not None:
         layer = mesh.uv_layers.new(name="UVMap")
-        layer.data.foreach_set("uv", np.ascontiguousarray(asset.corner_uvs, np.float32).ravel())
-    if asset.colors is not None:
+        layer.data.foreach_set("uv", np.ascontiguousarray(uvs, np.float32).ravel())
+    if asset.colors is not None and len(asset.colors) == len(mesh.vertices):
         attribute = mesh.color_attributes.new("Color", "FLOAT_COLOR", "POINT")
         attribute.data.foreach_set("color", np.ascontiguousarray(asset.colors, np.float32).ravel())
     mesh.polygons.foreach_set("use_smooth", np.ones(len(asset.faces), dtype=bool))
@@ -259,8 +277,8 @@ def finish_variant(
         extension = ".jpg" if asset.texture_mime == "image/jpeg" else ".png"
         image = packed_image(name, asset.texture, extension)
         material = textured_material(name, image)
-        if asset.corner_uvs is not None:  # Solid view's colours: the material's and the object's
-            material.diffuse_color = obj.color = mean_surface_colour(image, asset.corner_uvs)
+        if uvs is not None:  # Solid view's colours: the material's and the object's
+            material.diffuse_color = obj.color = mean_surface_colour(image, uvs)
         mesh.materials.append(material)
     obj.name = name
     mesh.name = name
@@ -342,18 +360,9 @@ def create_rig(scene: bpy.types.Scene, location: tuple[float, float, float]) -> 
 
 def mesh_triangles(context: bpy.types.Context, obj: bpy.types.Object) -> tuple[np.ndarray, np.ndarray]:
     """The evaluated mesh (modifiers applied) as triangles, rotated and scaled like the object."""
-    evaluated = obj.evaluated_get(context.evaluated_depsgraph_get())
-    mesh = evaluated.to_mesh()
-    try:
-        mesh.calc_loop_triangles()
-        vertices = np.empty(len(mesh.vertices) * 3, dtype=np.float32)
-        mesh.attributes["position"].data.foreach_get("vector", vertices)
-        faces = np.empty(len(mesh.loop_triangles) * 3, dtype=np.int32)
-        mesh.loop_triangles.foreach_get("vertices", faces)
-    finally:
-        evaluated.to_mesh_clear()
+    vertices, faces, _ = local_mesh(context, obj)
     linear = np.array(obj.matrix_world, dtype=np.float64)[:3, :3]
-    return (vertices.reshape(-1, 3) @ linear.T).astype(np.float32), faces.reshape(-1, 3)
+    return (vertices @ linear.T).astype(np.float32), faces
 
 
 def camera_matrices(cameras: list[bpy.types.Object], center) -> list[tuple[np.ndarray, float]]:
@@ -364,3 +373,77 @@ def camera_matrices(cameras: list[bpy.types.Object], center) -> list[tuple[np.nd
         c2w[:3, 3] -= np.asarray(center, dtype=np.float64)
         views.append((c2w, float(camera.data.angle_y)))
     return views
+
+
+# ---------------------------------------------------------------------------------- Texture selected
+
+
+def local_mesh(
+    context: bpy.types.Context, obj: bpy.types.Object
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """What Texture selected sends: the evaluated mesh (modifiers applied) in the object's local space,
+    as (vertices float32 [N,3], triangles int32 [F,3], the active UV map per triangle corner [F,3,2] or
+    None). The object itself is only read."""
+    evaluated = obj.evaluated_get(context.evaluated_depsgraph_get())
+    mesh = evaluated.to_mesh()
+    try:
+        mesh.calc_loop_triangles()
+        vertices = np.empty(len(mesh.vertices) * 3, dtype=np.float32)
+        mesh.attributes["position"].data.foreach_get("vector", vertices)
+        faces = np.empty(len(mesh.loop_triangles) * 3, dtype=np.int32)
+        mesh.loop_triangles.foreach_get("vertices", faces)
+        uvs = None
+        layer = mesh.uv_layers.active
+        if layer is not None:
+            loops = np.empty(len(mesh.loop_triangles) * 3, dtype=np.int32)
+            mesh.loop_triangles.foreach_get("loops", loops)
+            loop_uvs = np.empty(len(mesh.loops) * 2, dtype=np.float32)
+            layer.uv.foreach_get("vector", loop_uvs)
+            uvs = loop_uvs.reshape(-1, 2)[loops].reshape(-1, 3, 2)
+    finally:
+        evaluated.to_mesh_clear()
+    return vertices.reshape(-1, 3), faces.reshape(-1, 3), uvs
+
+
+def triangle_count(context: bpy.types.Context, obj: bpy.types.Object) -> int:
+    """Triangles of the evaluated mesh, without building them: a polygon of n corners makes n - 2."""
+    evaluated = obj.evaluated_get(context.evaluated_depsgraph_get())
+    mesh = evaluated.data
+    return len(mesh.loops) - 2 * len(mesh.polygons) if isinstance(mesh, bpy.types.Mesh) else 0
+
+
+def place_like(obj: bpy.types.Object, source: bpy.types.Object) -> None:
+    """The same transform as `source`, so a textured copy sits exactly where the original is."""
+    obj.matrix_world = source.matrix_world.copy()
+
+
+def welded_uvs(asset: GlbMesh, vertices: np.ndarray, faces: np.ndarray) -> np.ndarray | None:
+    """The asset's corner UVs [F,3,2] when its triangles are the sent ones in the same order (the
+    server keeps them so), else None: then the asset's own split mesh is used."""
+    if asset.corner_uvs is None or len(asset.faces) != len(faces):
+        return None
+    if not np.array_equal(asset.positions[asset.faces], vertices[faces]):
+        return None
+    return np.asarray(asset.corner_uvs, np.float32).reshape(-1, 3, 2)
+
+
+def decimated_copy(context: bpy.types.Context, obj: bpy.types.Object, ratio: float) -> bpy.types.Object:
+    """A copy of `obj` with a Decimate modifier at `ratio`, selected; the original is not touched."""
+    copy = obj.copy()
+    copy.data = obj.data.copy()
+    copy.name = f"{obj.name} (decimated)"
+    for collection in obj.users_collection:
+        collection.objects.link(copy)
+    modifier = copy.modifiers.new("CFD Decimate", "DECIMATE")
+    modifier.ratio = ratio
+    select_only(context, copy)
+    context.view_layer.update()  # evaluate the modifier now, so the copy's triangles can be counted
+    return copy
+
+
+def texture_target(context: bpy.types.Context) -> bpy.types.Object | None:
+    """The mesh Texture selected works on: the active object when it is a selected mesh (not a rig)."""
+    obj = context.active_object
+    if obj is None or obj.type != "MESH" or not obj.select_get() or obj.cfd_rig.is_rig:
+        return None
+    return obj

@@ -86,6 +86,8 @@ class ActiveJob:
     finish_sent_at: float | None = None  # "Finish now" was asked: the asset comes as a normal end's
     faces: np.ndarray | None = None  # topology of the last applied preview
     preview_step: int = -1
+    source: str | None = None  # a texture job's original object (hidden while its copy streams)
+    kept: tuple[np.ndarray, np.ndarray] | None = None  # a texture job's sent vertices and triangles
 
 
 TICK_KINDS = ("mesh_in_place", "mesh_new_topology", "texture", "finish", "idle")
@@ -126,9 +128,14 @@ class Session:
         location: tuple[float, float, float],
         init_mesh: tuple[np.ndarray, np.ndarray] | None = None,
         size: float = DEFAULT_SIZE,
+        source: bpy.types.Object | None = None,
+        surface: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
     ) -> str | None:
         """Send a job and create the object it streams into; None (and `error` set) if it cannot start.
-        The result stands on `location` (its bottom centre), `size` across its largest dimension."""
+        The result stands on `location` (its bottom centre), `size` across its largest dimension.
+
+        With `source` and its `surface` (`scene_objects.local_mesh`), a texture job: the object streams
+        at the source's transform and becomes its textured copy; the source is hidden meanwhile."""
         if self.busy:
             raise RuntimeError("a job is already running")
         self.error = None
@@ -141,7 +148,13 @@ class Session:
         self.progress = Progress(total=int(job.get("steps", 0)), stage="Starting")
         vertices, faces = init_mesh if init_mesh is not None else (None, None)
         try:
-            connection.generate(job_id, job, vertices, faces)
+            if source is not None:
+                scene_objects.place_like(obj, source)
+                self.job.source, self.job.kept = source.name, surface[:2]
+                connection.texture_mesh(job_id, job, *surface)
+                source.hide_set(True)
+            else:
+                connection.generate(job_id, job, vertices, faces)
         except client.ConnectionClosed as closed:
             self._server_gone(str(closed))
             return None
@@ -402,7 +415,12 @@ class Session:
         )
         name = scene_objects.variant_name(job.job["prompt"], job.job["seed"])
         properties = {**jobs.variant_properties(job.job, out_dir), "cfd_size": job.size}
-        scene_objects.finish_variant(obj, asset, name, properties, job.location, job.size)
+        if job.source is not None:
+            properties["cfd_source"] = job.source
+            for other in scene.objects:  # the newest copy shows; earlier ones stay listed as variants
+                if other.get("cfd_source") == job.source and other != obj:
+                    other.hide_set(True)
+        scene_objects.finish_variant(obj, asset, name, properties, job.location, job.size, job.kept)
         scene_objects.select_only(bpy.context, obj)
         self.last_variant = obj.name
         undo_push(f"CFD: {obj.name}")
@@ -416,9 +434,13 @@ class Session:
     # ------------------------------------------------------------------------------ endings
 
     def _remove_preview(self) -> None:
+        """The streaming object goes; a texture job's original shows again."""
         obj = self._preview_object()
         if obj is not None:
             scene_objects.remove_object(obj)
+        source = bpy.data.objects.get(self.job.source) if self.job is not None and self.job.source else None
+        if source is not None:
+            source.hide_set(False)
 
     def _end_job(self) -> None:
         self.job = None
@@ -505,6 +527,9 @@ def exit_status(code: int) -> str:
 
 
 def _message_error(message: protocol.Message) -> JobError:
+    unsupported = client.texture_unsupported(message)
+    if unsupported is not None:
+        return JobError("unknown_type", unsupported, "Update the server, or use Generate")
     return job_error(message.get("code", "internal"), message.get("message", ""), message.get("fix") or "")
 
 

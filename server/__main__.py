@@ -19,6 +19,7 @@ COMMANDS = {
     "serve": ("server.serve", "run the server Blender talks to (stdin/stdout, or TCP with --listen)"),
     "generate": ("server.pipeline.cli", "run a text-to-3D job headless and write the asset"),
     "batch": ("server.batch.cli", "run prompts x seeds as jobs on Ray, on this machine or a cluster"),
+    "texture": ("server.pipeline.texture_cli", "texture an existing mesh headless, keeping it exactly"),
 }
 
 

@@ -40,6 +40,7 @@ import numpy as np
 from server import __version__
 from server.job.errors import Cancelled, JobSpecError, MissingWeightsError, NonFiniteError
 from server.job.events import JobEvents
+from server.job.fixed_mesh import FixedMesh
 from server.job.spec import JobSpec
 from server.wire import protocol, tls
 
@@ -65,7 +66,12 @@ RESYNC_FIX = "the byte stream is out of sync; reconnect (the extension restarts 
 
 
 def default_runner(spec: JobSpec, init_mesh, emit: JobEvents, should_cancel: Callable[[], bool]) -> dict:
-    """The real generator, imported on first use so the server answers hello and ping at once."""
+    """The real generator, imported on first use so the server answers hello and ping at once.
+    A texture job's `init_mesh` is the `FixedMesh` it keeps."""
+    if spec.kind == "texture":
+        from server.pipeline.texture import run_texture_job
+
+        return run_texture_job(spec, init_mesh, emit, should_cancel)
     from server.pipeline.run import run_job
 
     return run_job(spec, init_mesh, emit, should_cancel)
@@ -111,7 +117,7 @@ def _loaded_class(module: str, name: str) -> type | None:
 def classify_exception(exc: BaseException) -> tuple[str, str, str]:
     """(code, message, fix) of the `error` frame for an exception raised by a job."""
     if isinstance(exc, JobSpecError):
-        return protocol.BAD_SETTINGS, str(exc), f"change the {exc.field} setting"
+        return protocol.BAD_SETTINGS, str(exc), getattr(exc, "fix", f"change the {exc.field} setting")
     if isinstance(exc, MissingWeightsError):
         return protocol.MISSING_WEIGHTS, str(exc), exc.fix
     torch_oom = _loaded_class("torch.cuda", "OutOfMemoryError")
@@ -162,7 +168,7 @@ class FrameWriter:
 class _Job:
     job_id: str
     spec: JobSpec
-    init_mesh: tuple[np.ndarray, np.ndarray] | None
+    init_mesh: tuple[np.ndarray, np.ndarray] | FixedMesh | None
     writer: FrameWriter  # the connection that sent it: the only one that sees its frames or may cancel it
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     finish: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -173,8 +179,27 @@ class _Job:
         return self.cancel.is_set() or self.writer.broken
 
 
-def _init_mesh(spec: JobSpec, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The starting mesh carried by a generate frame, checked against `init_shape`."""
+def _job_of(message: protocol.Message) -> Any:
+    """The job dict of a generate or texture_mesh frame; the latter's kind is always "texture"."""
+    job = message.get("job")
+    if message.type == protocol.TEXTURE_MESH and isinstance(job, dict):
+        if job.get("kind", "texture") != "texture":
+            raise JobSpecError("kind", f'must be "texture" in a texture_mesh message, got {job["kind"]!r}')
+        return {**job, "kind": "texture"}
+    if isinstance(job, dict) and job.get("kind") == "texture":
+        raise JobSpecError("kind", '"texture" jobs come in a texture_mesh message, which carries the mesh')
+    return job
+
+
+def _init_mesh(
+    spec: JobSpec, arrays: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray] | FixedMesh | None:
+    """The starting mesh carried by a generate frame, checked against `init_shape`; a texture job's
+    mesh, checked whole (`FixedMesh.from_arrays`)."""
+    if spec.kind == "texture":
+        return FixedMesh.from_arrays(
+            arrays.get("mesh_vertices"), arrays.get("mesh_faces"), arrays.get("mesh_uvs")
+        )
     vertices, faces = arrays.get("init_vertices"), arrays.get("init_faces")
     if spec.init_shape != "mesh":
         if vertices is not None or faces is not None:
@@ -344,7 +369,7 @@ class Server:
             writer.send(protocol.server_hello(**self._server_info()))
         elif message.type == protocol.PING:
             writer.send(protocol.pong(message.get("id")))
-        elif message.type == protocol.GENERATE:
+        elif message.type in (protocol.GENERATE, protocol.TEXTURE_MESH):
             self._generate(message, writer)
         elif message.type == protocol.CANCEL:
             self._cancel(message.get("job_id"), writer)
@@ -374,11 +399,11 @@ class Server:
             )
             return
         try:
-            spec = JobSpec.from_dict(message.get("job"))
+            spec = JobSpec.from_dict(_job_of(message))
             init_mesh = _init_mesh(spec, message.arrays)
         except JobSpecError as error:
             log.info("job %s refused: %s", job_id, error)
-            fix = f"change the {error.field} setting"
+            fix = getattr(error, "fix", f"change the {error.field} setting")
             writer.send(protocol.error(job_id, protocol.BAD_SETTINGS, str(error), fix))
             return
         if spec.output_dir is None:

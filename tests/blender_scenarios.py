@@ -983,6 +983,90 @@ def keep_assets(zip_path: str, out: Path) -> dict:
     return results
 
 
+def corner_arrays(obj) -> tuple[np.ndarray, np.ndarray]:
+    """Per triangle corner of the evaluated mesh: local positions [F,3,3] and active UVs [F,3,2]."""
+    vertices, faces, uvs = sys.modules[f"{MODULE}.blender_cfd.scene_objects"].local_mesh(bpy.context, obj)
+    return vertices[faces], uvs
+
+
+def texture_selected(zip_path: str, out: Path) -> dict:
+    """Texture Selected on the default cube (its UV map, a Subdivision modifier, a transform) with the
+    real server and the shapes prior: a copy at the same transform whose mesh is the original's
+    evaluated triangles and UVs, textured with the baked image; the original hidden and unchanged;
+    Re-roll makes another copy; above the face limit the panel offers a decimated copy instead."""
+    ctl_module, _ = install(zip_path, out)
+    os.environ.pop("BLENDER_CFD_SERVER_ARGS")  # the real job runner
+    ctl = ctl_module.get()
+    jobs = sys.modules[f"{MODULE}.blender_cfd.jobs"]
+    cube = bpy.data.objects["Cube"]
+    assert cube.data.uv_layers.active is not None, "the default cube has a UV map"
+    cube.modifiers.new("Subdivision", "SUBSURF").levels = 1
+    cube.location, cube.rotation_euler, cube.scale = (1.0, 2.0, 0.5), (0.3, 0.0, 0.7), (1.0, 1.5, 1.0)
+    bpy.context.view_layer.update()
+    set_panel("a red cube", 5)
+    bpy.ops.object.select_all(action="DESELECT")
+    assert not bpy.ops.cfd.texture_selected.poll(), "greyed out without a selected mesh"
+    cube.select_set(True)
+    bpy.context.view_layer.objects.active = cube
+    assert bpy.ops.cfd.texture_selected.poll() and shown(
+        draw_panels(), "operator", idname="cfd.texture_selected"
+    )
+    positions, uvs = corner_arrays(cube)
+    original = (vertices_of(cube).copy(), len(cube.data.materials), [m.name for m in cube.modifiers])
+
+    assert bpy.ops.cfd.texture_selected(wait=True) == {"FINISHED"}, ctl.error
+    copy = bpy.data.objects[ctl.last_variant]
+    assert copy.name == "a red cube (seed 5)" and copy["cfd_source"] == "Cube"
+    assert json.loads(copy["cfd_job"])["kind"] == "texture"
+    bpy.context.view_layer.update()
+    assert np.allclose(np.array(copy.matrix_world), np.array(cube.matrix_world), atol=1e-6, rtol=0), (
+        "the copy sits where the original is"
+    )
+    got_positions, got_uvs = corner_arrays(copy)
+    assert np.array_equal(got_positions, positions), "the copy's mesh is the original's, bitwise"
+    assert np.abs(got_uvs - uvs).max() <= 2**-20, "and its UV map (glTF's 1 - v costs a last bit)"
+    assert len(copy.data.vertices) == len(np.unique(positions.reshape(-1, 3), axis=0)), (
+        "welded as the original"
+    )
+    link = copy.active_material.node_tree.nodes["Principled BSDF"].inputs["Base Color"].links[0]
+    image = link.from_node.image
+    size = tuple(image.size)
+    pixels = np.array(image.pixels[:]).reshape(size[1], size[0], 4)[::-1, :, :3]
+    with Image.open(Path(copy["cfd_output"]) / "a-red-cube.png") as baked:
+        expected = np.asarray(baked.convert("RGB"), np.float64) / 255.0
+    assert np.abs(pixels - expected).max() < 1e-3, "the copy's material shows the texture the server baked"
+    red = np.array(copy.color[:3])
+    assert red[0] > 2 * max(red[1], red[2]), f"the mean surface colour is red: {red}"
+    assert not cube.visible_get() and copy.visible_get(), "the original is hidden, the copy shows"
+    assert np.array_equal(vertices_of(cube), original[0]) and len(cube.data.materials) == original[1]
+    assert [m.name for m in cube.modifiers] == original[2], "the original is never modified"
+
+    assert bpy.ops.cfd.reroll(wait=True) == {"FINISHED"}, ctl.error
+    second = bpy.data.objects[ctl.last_variant]
+    assert second != copy and second["cfd_source"] == "Cube" and second["cfd_seed"] != 5
+    assert np.array_equal(corner_arrays(second)[0], positions)
+    assert second.visible_get() and not copy.visible_get(), "the newest copy shows, the others stay listed"
+
+    jobs.TEXTURE_FACE_LIMIT = 40  # the subdivided cube has 24 quads: 48 triangles
+    cube.hide_set(False)
+    bpy.ops.object.select_all(action="DESELECT")
+    cube.select_set(True)
+    bpy.context.view_layer.objects.active = cube
+    bpy.context.view_layer.update()  # unhidden: evaluated again (the UI's redraw does this itself)
+    panel = draw_panels()
+    said = labels(panel).replace(" | ", " ")  # the sidebar wraps the line
+    assert shown(panel, "operator", idname="cfd.decimate_copy") and "48 triangles, above the 40" in said, said
+    assert not shown(panel, "operator", idname="cfd.texture_selected"), "never textured silently"
+    assert "Decimate a Copy" in reported_error(bpy.ops.cfd.texture_selected)
+    assert bpy.ops.cfd.decimate_copy() == {"FINISHED"}
+    decimated = bpy.context.active_object
+    assert decimated != cube and decimated.modifiers[-1].type == "DECIMATE"
+    assert sys.modules[f"{MODULE}.blender_cfd.scene_objects"].triangle_count(bpy.context, decimated) <= 40
+    assert np.array_equal(vertices_of(cube), original[0]) and [m.name for m in cube.modifiers] == original[2]
+    assert "torch" not in sys.modules, "Blender's process must never import torch"
+    return {"copies": [copy.name, second.name]}
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
@@ -998,6 +1082,7 @@ SCENARIOS = {
         placement,
         keep_assets,
         prior_defaults,
+        texture_selected,
     )
 }
 

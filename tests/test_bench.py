@@ -159,7 +159,7 @@ def test_the_timed_step_makes_run_jobs_updates(method):
 def test_quality_ends_with_the_figures_per_method_and_draws_a_grid(tmp_path, capsys):
     def bench(workers: int) -> dict:
         quick = ("--seeds", "2", "--steps", "2", "--grid-resolution", "8", "--workers", str(workers))
-        quick = (*quick, "--shape-seeds", "0")
+        quick = (*quick, "--shape-seeds", "0", "--texture-seeds", "0")
         args = parse(
             [
                 *("--specific", "a red cube", "--open", "a shape", "--methods", "sds,cfd", *quick),
@@ -182,6 +182,19 @@ def test_quality_ends_with_the_figures_per_method_and_draws_a_grid(tmp_path, cap
         return [{k: v for k, v in run.items() if k != "seconds"} for run in record["runs"]]
 
     assert scores(bench(1)) == scores(result)  # seeded runs: workers change the time, not the figures
+
+
+def test_texture_only_runs_are_judged_from_their_glbs_and_summarised(tmp_path):
+    prompts = quality.texture_prompts(1)
+    assert len(prompts) == 24 and {seed for _, seed in prompts} == set(range(100, 124))
+    job = {"prompt": "a blue torus", "method": "cfd", "seed": 100, "kind": "texture", "steps": 2}
+    job |= {"texture_size": 128, "device": "cpu", "output_dir": str(tmp_path)}
+    run = quality.one_texture(job)
+    assert run.colour in quality.COLOURS and run.colour_right == (run.colour == "blue") and run.seconds > 0
+    right = quality.TextureRun("a red cube", "sds", 1, 3.0, "red", True)
+    summary = quality.summarise_textures([run, right], ["cfd", "sds"])
+    assert summary["sds"] == {"colour_accuracy": 1.0, "seconds_mean": 3.0, "runs": 1}
+    assert summary["cfd"]["runs"] == 1
 
 
 def test_step_ends_with_both_priors_figures(monkeypatch, capsys):

@@ -50,7 +50,9 @@ def extension_zip(tmp_path_factory) -> Path:
     return next(out.glob("blender_cfd-*.zip"))
 
 
-def run_scenario(name: str, extension_zip: Path, tmp_path: Path, returncode: int = 0) -> dict:
+def run_scenario(
+    name: str, extension_zip: Path, tmp_path: Path, returncode: int = 0, timeout: float = 180
+) -> dict:
     env = dict(os.environ)
     env.update(
         BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"),
@@ -59,7 +61,7 @@ def run_scenario(name: str, extension_zip: Path, tmp_path: Path, returncode: int
         OMP_NUM_THREADS="1",
     )
     command = [sys.executable, str(TESTS / "blender_scenarios.py"), name, str(extension_zip), str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
     assert result.returncode == returncode, (
         f"scenario {name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     )
@@ -369,6 +371,29 @@ def test_init_mesh_is_centred_and_fits_the_grid():
         normalized_init_mesh(np.zeros((3, 3)), np.array([[0, 1, 2]]))
 
 
+def test_a_texture_job_is_a_valid_spec_with_the_qualitys_texture_steps():
+    from blender_cfd_ext.blender_cfd import jobs
+
+    from server.job.spec import JobSpec
+
+    panel = jobs.build_job(
+        **{"prompt": "a red cube", "negative_prompt": "", "seed": 4, "quality": "DRAFT", "method": "CFD"},
+        **{"guidance_scale": 10.0, "init_shape": "SPHERE", "prior": "SHAPES", "device": "CPU"},
+        **{"precision": "AUTO", "output_dir": "out", "orbit": {}},
+    )
+    spec = JobSpec.from_dict(jobs.texture_job(panel, "DRAFT", fresh_uvs=True))
+    assert (spec.kind, spec.uv_mode, spec.steps) == ("texture", "unwrap", jobs.TEXTURE_STEPS["DRAFT"])
+    assert (
+        JobSpec.from_dict(jobs.texture_job(panel, "STANDARD", fresh_uvs=False)).steps
+        == JobSpec.from_dict({"prompt": "x", "kind": "texture"}).steps
+    ), "Standard is the server's own texture default"
+    assert (
+        jobs.decimate_ratio(3 * jobs.TEXTURE_FACE_LIMIT) * 3 * jobs.TEXTURE_FACE_LIMIT
+        < jobs.TEXTURE_FACE_LIMIT
+    )
+    assert jobs.decimate_ratio(10) == 1.0
+
+
 def test_environment_paths_and_setup_commands(tmp_path):
     from blender_cfd_ext.blender_cfd import environment
 
@@ -465,6 +490,13 @@ def test_the_panel_follows_the_priors_profile(extension_zip, tmp_path):
     assert [s.render_size for s in profile.stages] == [((0.0, 64), (0.2, 128)), ((0.0, 256),), ((0.0, 256),)]
     assert (default.steps, default.negative_prompt) == (1200, "")  # empty: each stage's own negative
     assert JobSpec.from_dict(result["override_job"]).guidance_scale == 12.0
+
+
+@needs_bpy
+def test_texture_selected_makes_textured_copies_of_the_cube_it_keeps(extension_zip, tmp_path):
+    """Two real 60-step texture jobs on the shapes prior: about a minute on 2 busy cores."""
+    result = run_scenario("texture_selected", extension_zip, tmp_path, timeout=480)
+    assert result["copies"][0] == "a red cube (seed 5)"
 
 
 @needs_bpy

@@ -103,6 +103,8 @@ BAD = [
     ({"profile_overrides": [1]}, "profile_overrides"),
     ({"profile_overrides": {"texture.gamma": 0.1}}, "profile_overrides.texture.gamma"),
     ({"profile_overrides": {"nerf.render": "rgb"}}, "profile_overrides.nerf.render"),
+    ({"kind": "retexture"}, "kind"),
+    ({"uv_mode": "auto"}, "uv_mode"),
     ({"resolution": 64}, "resolution"),
     ({"format": "other/2"}, "format"),
 ]
@@ -216,3 +218,14 @@ def test_job_events_stamp_the_job_id_and_throttle_previews() -> None:
     assert [m.type for m in decoded] == ["preview_mesh", "texture", "progress", "progress", "cancelled"]
     assert all(m.header["job_id"] == "j7" for m in decoded)
     assert decoded[3].header["stage"] == "custom"
+
+
+def test_a_texture_job_has_its_own_defaults_and_round_trips() -> None:
+    from server.job.spec import TEXTURE_DEFAULTS
+
+    spec = JobSpec.from_dict({"prompt": "a red cube", "kind": "texture"})
+    assert spec.steps == TEXTURE_DEFAULTS["steps"] < JobSpec(prompt="x").steps
+    assert spec.timestep_knots == TEXTURE_DEFAULTS["timestep_knots"] and spec.uv_mode == "keep"
+    assert JobSpec.from_dict(spec.to_json_dict()) == spec
+    chosen = JobSpec.from_dict({"prompt": "a red cube", "kind": "texture", "steps": 7, "uv_mode": "unwrap"})
+    assert (chosen.steps, chosen.uv_mode) == (7, "unwrap")

@@ -72,6 +72,17 @@ ROUND_TRIPS = [
         "generate",
         {"job": {"prompt": "a chair", "seed": 3}},
     ),
+    (
+        protocol.texture_mesh(
+            "j1",
+            {"prompt": "a red cube"},
+            np.zeros((4, 3), np.float32),
+            np.array([[0, 1, 2], [0, 2, 3]]),
+            np.zeros((2, 3, 2), np.float32),
+        ),
+        "texture_mesh",
+        {"job_id": "j1", "job": {"prompt": "a red cube"}},
+    ),
     (protocol.cancel("j1"), "cancel", {"job_id": "j1"}),
     (protocol.finish("j1"), "finish", {"job_id": "j1"}),
     (protocol.shutdown(), "shutdown", {}),

@@ -24,9 +24,14 @@ METHODS = ("cfd", "fsd", "sds")
 CFG_FORMS = ("uncond", "cond")
 INIT_SHAPES = ("sphere", "ellipsoid", "mesh")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+KINDS = ("generate", "texture")  # a new shape, or a colour field on the artist's own mesh
+UV_MODES = ("keep", "unwrap")  # a texture job bakes into the mesh's own UVs, or a fresh xatlas unwrap
 MAX_PROMPT_CHARS = 500
 MAX_EXPLICIT_CAMERAS = 256
 RIGID_TOLERANCE = 1e-4
+# A texture job's own defaults: the colour forms from scratch on a surface that is already there, so
+# fewer steps than a generate job's and t falling from high (colour is decided at high noise) to low.
+TEXTURE_DEFAULTS: dict[str, Any] = {"steps": 200, "timestep_knots": ((0.0, 700.0), (1.0, 200.0))}
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,2})?")
 
 
@@ -83,6 +88,8 @@ class JobSpec:
     chain_at: float = 0.5  # fraction of the steps after which `chain_prior` takes over
     profile: str | None = None  # the pipeline profile (`server.job.profiles`); None: the prior's own
     profile_overrides: dict[str, Any] | None = None  # single profile settings, {"texture.guidance_scale": 30}
+    kind: str = "generate"
+    uv_mode: str = "keep"  # texture jobs: "keep" the mesh's UVs (a fresh unwrap when it has none)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobSpec:
@@ -102,7 +109,8 @@ class JobSpec:
         if d.get("orbit") is not None and d.get("cameras") is not None:
             raise JobSpecError("cameras", "give either an orbit camera rig or explicit cameras, not both")
         defaults = cls(prompt="default")
-        values = {name: d.get(name, getattr(defaults, name)) for name in known}
+        kind_defaults = TEXTURE_DEFAULTS if d.get("kind") == "texture" else {}
+        values = {name: d.get(name, kind_defaults.get(name, getattr(defaults, name))) for name in known}
         cameras = values["cameras"]
         return cls(
             prompt=_text("prompt", values["prompt"], allow_empty=False),
@@ -134,6 +142,8 @@ class JobSpec:
             chain_at=_number("chain_at", values["chain_at"], 0.0, 1.0),
             profile=_profile(values["profile"]),
             profile_overrides=_profile_overrides(values["profile_overrides"]),
+            kind=_choice("kind", values["kind"], KINDS),
+            uv_mode=_choice("uv_mode", values["uv_mode"], UV_MODES),
         )._with_checked_profile()
 
     @property

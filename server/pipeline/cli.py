@@ -14,7 +14,7 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from server.distill.update import Method
 from server.job.errors import Cancelled, JobSpecError, NonFiniteError
 from server.job.events import Events
 from server.job.spec import JobSpec
-from server.pipeline.asset import slug
+from server.pipeline.asset import JobResult, slug
 from server.pipeline.run import run_job
 
 
@@ -142,8 +142,9 @@ def job_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def spec_from_args(args: argparse.Namespace, seed: int) -> JobSpec:
+def spec_from_args(args: argparse.Namespace, seed: int, extra: dict | None = None) -> JobSpec:
     fields = {"prompt": args.prompt, "seed": seed, "output_dir": str(args.out), **job_settings(args)}
+    fields.update(extra or {})
     return JobSpec.from_dict(fields)
 
 
@@ -172,7 +173,12 @@ def variant_grid(previews: list[Path], seeds: list[int], path: Path) -> None:
     canvas.save(path)
 
 
-def run_variants(seeds: list[int], specs: list[JobSpec], interrupts: Interrupts) -> tuple[list, list[int]]:
+Runner = Callable[[JobSpec, Events, Callable[[], bool]], JobResult]  # a job, its events, should_cancel
+
+
+def run_seeds(
+    seeds: list[int], specs: list[JobSpec], interrupts: Interrupts, run: Runner
+) -> tuple[list, list[int]]:
     """Each seed's job in turn, until every one ran, or Ctrl-C finished or cancelled the current one."""
     results, done_seeds = [], []
     for seed, spec in zip(seeds, specs, strict=True):
@@ -181,7 +187,7 @@ def run_variants(seeds: list[int], specs: list[JobSpec], interrupts: Interrupts)
             continue
         bar = ProgressBar(f"seed {seed}", spec.steps, interrupts)
         try:
-            results.append(run_job(spec, None, bar, interrupts.cancel.is_set))
+            results.append(run(spec, bar, interrupts.cancel.is_set))
         except NonFiniteError as error:  # this seed diverged or its shape vanished: the next may not
             print(
                 f"seed {seed}: error: {error}; try another seed, or a lower --guidance-scale", file=sys.stderr
@@ -200,17 +206,28 @@ def run_variants(seeds: list[int], specs: list[JobSpec], interrupts: Interrupts)
 
 
 def main(args: argparse.Namespace) -> int:
+    return run_variants(args, {}, lambda spec, events, cancel: run_job(spec, None, events, cancel))
+
+
+def run_variants(args: argparse.Namespace, extra: dict, run: Runner) -> int:
+    """One job per seed (`extra` settings added to the arguments'), each with a progress bar; the JSON
+    summary on stdout and, for several variants, their grid. Exit 2 on bad settings, 1 when no
+    variant finished."""
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [args.seed + i for i in range(max(1, args.variants))]
     try:
-        specs = [spec_from_args(args, seed) for seed in seeds]
+        specs = [spec_from_args(args, seed, extra) for seed in seeds]
     except JobSpecError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     interrupts = Interrupts()
-    with interrupts.installed():
-        results, done_seeds = run_variants(seeds, specs, interrupts)
+    try:
+        with interrupts.installed():
+            results, done_seeds = run_seeds(seeds, specs, interrupts, run)
+    except JobSpecError as error:  # the input itself (a texture job's UV map): no seed can help
+        print(f"error: {error}; fix: {getattr(error, 'fix', 'change it')}", file=sys.stderr)
+        return 2
     if interrupts.cancel.is_set():
         return 130  # the shell's code for a job stopped by Ctrl-C
     if not results:

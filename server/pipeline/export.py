@@ -18,7 +18,7 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,12 +132,11 @@ def unwrap(
     return vmapping[vm2].astype(np.int64), faces2.astype(np.int64), uvs2.astype(np.float32)
 
 
-def rasterize_uv(uvs: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which face covers each texel centre, and where: (face id [S,S] int64, -1 = none; barycentrics [S,S,3]).
+def _texel_hits(uvs: np.ndarray, faces: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """Every (face, row, column, barycentrics) of a texel centre inside a face, in chunks.
 
-    Written by hand because no installed library rasterises on CPU with barycentrics (nvdiffrast is
-    CUDA-only). Charts do not overlap, so there is no depth test: for every face, the texel centres in
-    its bounding box are enumerated and kept when inside. Row 0 = top, so row = (1 - v) * size - 0.5.
+    For every face, the texel centres in its bounding box are enumerated and kept when inside.
+    Row 0 = top, so row = (1 - v) * size - 0.5.
     """
     xy = np.stack([uvs[:, 0] * size - 0.5, (1.0 - uvs[:, 1]) * size - 0.5], axis=1).astype(np.float64)
     tri = xy[faces]  # [F,3,2]
@@ -149,9 +148,6 @@ def rasterize_uv(uvs: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndar
     e2 = tri[:, 2] - tri[:, 0]
     det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
     usable = np.flatnonzero((count > 0) & (np.abs(det) > 1e-12))
-
-    face_id = np.full((size, size), -1, np.int64)
-    bary = np.zeros((size, size, 3), np.float64)
     bounds = np.searchsorted(np.cumsum(count[usable]), np.arange(_RASTER_CHUNK, count.sum(), _RASTER_CHUNK))
     for chunk in np.split(usable, bounds):
         n = count[chunk]
@@ -165,10 +161,46 @@ def rasterize_uv(uvs: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndar
         b2 = (e1[f, 0] * dy - e1[f, 1] * dx) / det[f]
         b0 = 1.0 - b1 - b2
         inside = (b0 >= -1e-9) & (b1 >= -1e-9) & (b2 >= -1e-9)
-        r, c = row[inside], col[inside]
-        face_id[r, c] = f[inside]
-        bary[r, c] = np.stack([b0[inside], b1[inside], b2[inside]], axis=1)
+        yield f[inside], row[inside], col[inside], np.stack([b0[inside], b1[inside], b2[inside]], axis=1)
+
+
+def rasterize_uv(uvs: np.ndarray, faces: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which face covers each texel centre, and where: (face id [S,S] int64, -1 = none; barycentrics [S,S,3]).
+
+    Written by hand because no installed library rasterises on CPU with barycentrics (nvdiffrast is
+    CUDA-only). Charts do not overlap (`uv_problem` checks a mesh's own UVs), so there is no depth test.
+    """
+    face_id = np.full((size, size), -1, np.int64)
+    bary = np.zeros((size, size, 3), np.float64)
+    for f, r, c, b in _texel_hits(uvs, faces, size):
+        face_id[r, c] = f
+        bary[r, c] = b
     return face_id, bary
+
+
+def uv_problem(uvs: np.ndarray, faces: np.ndarray, size: int, overlap_limit: float = 0.01) -> str | None:
+    """Why a mesh's own UV layout cannot take a baked texture of `size`^2, or None when it can.
+
+    Out of the unit square beyond half a texel (a tiling or UDIM layout), or overlapping (mirrored or
+    stacked islands: one texel would have to hold two colours) beyond `overlap_limit` of the covered
+    texels (texel centres exactly on a shared edge count twice, so a small share is no overlap).
+    """
+    uvs = np.asarray(uvs, np.float64)
+    slack = 0.5 / size  # within half a texel of the border (a subdivided map's rounding) still bakes
+    outside = (uvs < -slack) | (uvs > 1.0 + slack)
+    if outside.any():
+        share = outside.any(axis=1)[np.asarray(faces)].any(axis=1).mean()
+        return f"{share:.0%} of the faces have UVs outside the unit square [0, 1]"
+    hits = np.zeros(size * size, np.int64)
+    for _, r, c, _ in _texel_hits(uvs, np.asarray(faces, np.int64), size):
+        np.add.at(hits, r * size + c, 1)
+    covered = np.count_nonzero(hits)
+    if covered == 0:
+        return f"the UV islands cover no texel of a {size}^2 texture: they have no area"
+    overlap = np.count_nonzero(hits > 1) / covered
+    if overlap > overlap_limit:
+        return f"UV islands overlap on {overlap:.0%} of their texels (mirrored or stacked islands)"
+    return None
 
 
 def bake(
@@ -346,6 +378,42 @@ def prepare_atlas(
     seconds["unwrap"] = time.perf_counter() - start
     stats["uv_vertices"] = len(vmapping)
     return UVAtlas(vertices, faces_uv, uvs, vmapping, texture_size, stats)
+
+
+def atlas_from_uvs(
+    vertices: np.ndarray, faces: np.ndarray, corner_uvs: np.ndarray, texture_size: int
+) -> UVAtlas:
+    """An atlas of a mesh's own UVs [F, 3, 2] (per face corner), nothing cleaned or moved: corners that
+    share a vertex and a UV share one UV vertex, so the asset splits vertices only at the UV seams."""
+    corner_vertex = np.asarray(faces, np.int64).reshape(-1)
+    corner_uv = np.asarray(corner_uvs, np.float32).reshape(-1, 2)
+    keys = np.concatenate([corner_vertex[:, None].astype(np.float64), corner_uv.astype(np.float64)], axis=1)
+    unique, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # UV vertices in the order the corners first use them
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    stats = {"faces": len(faces), "vertices": len(vertices), "uv_vertices": len(unique), "seconds": {}}
+    return UVAtlas(
+        np.asarray(vertices, np.float32),
+        rank[inverse.reshape(-1)].reshape(-1, 3),
+        corner_uv[first[order]],
+        corner_vertex[first[order]],
+        texture_size,
+        stats,
+    )
+
+
+def fresh_atlas(vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding: int = 2) -> UVAtlas:
+    """A new xatlas unwrap of the mesh as it is: no cleaning or decimation, so no vertex moves."""
+    start = time.perf_counter()
+    vmapping, faces_uv, uvs = unwrap(vertices, faces, texture_size, padding)
+    stats = {
+        "faces": len(faces),
+        "vertices": len(vertices),
+        "uv_vertices": len(vmapping),
+        "seconds": {"unwrap": time.perf_counter() - start},
+    }
+    return UVAtlas(np.asarray(vertices, np.float32), faces_uv, uvs, vmapping, texture_size, stats)
 
 
 def bake_and_export(

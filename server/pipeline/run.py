@@ -22,7 +22,19 @@ from server.job.events import Events
 from server.job.spec import JobSpec
 from server.pipeline.asset import JobResult, write_asset
 from server.pipeline.setup import start_job
-from server.pipeline.step import optimisation_step
+from server.pipeline.step import StepOutcome, optimisation_step
+
+
+def report_step(
+    events: Events, spec: JobSpec, step: int, outcome: StepOutcome, start: float, stage: str
+) -> bool:
+    """Stream a step's milestone texture and its progress in `stage`; True when a preview mesh is due."""
+    if outcome.texture_png is not None:
+        events.texture(step + 1, outcome.texture_png, spec.texture_size, spec.texture_size)
+    elapsed = time.perf_counter() - start
+    eta = elapsed / (step + 1) * (spec.steps - step - 1)
+    events.progress(step + 1, spec.steps, stage, outcome.t, outcome.loss, eta, elapsed)
+    return events.preview_due() or step == spec.steps - 1
 
 
 def run_job(
@@ -44,17 +56,12 @@ def run_job(
             stopped_at = step
             break
         outcome = optimisation_step(state, step)
-        if outcome.texture_png is not None:
-            events.texture(step + 1, outcome.texture_png, spec.texture_size, spec.texture_size)
-        elapsed = time.perf_counter() - start
-        eta = elapsed / (step + 1) * (spec.steps - step - 1)
         # The shapes profile says whether the geometry still moves; the others name their stage.
         if state.profile.name == "shapes":
             stage = "shape" if outcome.shaping else "texture"
         else:
             stage = state.run_at(step).settings.name
-        events.progress(step + 1, spec.steps, stage, outcome.t, outcome.loss, eta, elapsed)
-        if events.preview_due() or step == spec.steps - 1:
+        if report_step(events, spec, step, outcome, start, stage):
             mesh = outcome.mesh
             with torch.no_grad():
                 colors = (state.texture(mesh.vertices) * 255).round().to(torch.uint8)

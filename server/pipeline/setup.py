@@ -192,17 +192,13 @@ def stage_runs(spec: JobSpec, profile: Profile, device: torch.device) -> list[St
     their methods agree (the shapes profile's one field), else a fresh one as the reference re-creates
     it per stage."""
     ends = [int(stage.until * spec.steps) for stage in profile.stages[:-1]] + [spec.steps]
-    job_timesteps = (
-        RandomTimesteps(20, 980)
-        if spec.method == "sds"
-        else AnnealedTimesteps(tuple((float(f), float(t)) for f, t in spec.timestep_knots))
-    )
+    job_knots = job_timesteps(spec)
     runs: list[StageRun] = []
     for index, (stage, start, end) in enumerate(zip(profile.stages, [0, *ends], ends, strict=False)):
         stage = replace(stage, method=stage.method or spec.method)
         method = Method(stage.method)
         if stage.timesteps == "job":
-            timesteps = job_timesteps
+            timesteps = job_knots
         elif stage.timesteps == "dreamtime":
             timesteps = DreamTimeTimesteps()
         elif method == Method.SDS:
@@ -215,6 +211,13 @@ def stage_runs(spec: JobSpec, profile: Profile, device: torch.device) -> list[St
             noise = noise_provider(method, spec.seed + index, device)
         runs.append(StageRun(stage, start, end, timesteps, noise))
     return runs
+
+
+def job_timesteps(spec: JobSpec) -> AnnealedTimesteps | RandomTimesteps:
+    """t per step: uniformly random for SDS (as DreamFusion), annealed along the job's knots otherwise."""
+    if Method(spec.method) == Method.SDS:
+        return RandomTimesteps(20, 980)
+    return AnnealedTimesteps(tuple((float(f), float(t)) for f, t in spec.timestep_knots))
 
 
 def noise_provider(method: Method, seed: int, device: torch.device) -> NoiseProvider:

@@ -176,6 +176,18 @@ class Connection:
         """Start a job; `accepted` (or an error) follows, then progress, previews and one final frame."""
         self.send(protocol.generate(job_id, job, init_vertices, init_faces))
 
+    def texture_mesh(
+        self,
+        job_id: str,
+        job: dict[str, Any],
+        vertices: np.ndarray,
+        faces: np.ndarray,
+        uvs: np.ndarray | None = None,
+    ) -> None:
+        """Start a texture job on this mesh (kept exactly); the same frames follow as for `generate`.
+        A server too old for it answers an `unknown_type` error (`texture_unsupported` words it)."""
+        self.send(protocol.texture_mesh(job_id, job, vertices, faces, uvs))
+
     def cancel(self, job_id: str) -> None:
         self.send(protocol.cancel(job_id))
 
@@ -185,6 +197,16 @@ class Connection:
 
     def shutdown(self) -> None:
         self.send(protocol.shutdown())
+
+
+def texture_unsupported(error: protocol.Message) -> str | None:
+    """The user's words for an old server's `unknown_type` answer to a texture_mesh frame, else None."""
+    if error.get("code") != protocol.UNKNOWN_TYPE or protocol.TEXTURE_MESH not in str(error.get("message")):
+        return None
+    return (
+        "this server cannot texture a mesh (it is older than the extension); update the server "
+        "(Set up environment, or install the server of the same version)"
+    )
 
 
 class ServerProcess(Connection):

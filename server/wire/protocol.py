@@ -45,7 +45,8 @@ GENERATE = "generate"
 CANCEL = "cancel"
 FINISH = "finish"  # stop optimising now and deliver the asset as a normal end does
 SHUTDOWN = "shutdown"
-CLIENT_MESSAGES = frozenset({HELLO, PING, GENERATE, CANCEL, FINISH, SHUTDOWN})
+TEXTURE_MESH = "texture_mesh"  # texture the client's own mesh, keeping it exactly (a texture job)
+CLIENT_MESSAGES = frozenset({HELLO, PING, GENERATE, TEXTURE_MESH, CANCEL, FINISH, SHUTDOWN})
 
 # Message types, server -> client (plus HELLO).
 PONG = "pong"
@@ -455,6 +456,27 @@ def generate(
     if init_vertices is not None:
         arrays = _mesh_arrays(init_vertices, init_faces, None, ("init_vertices", "init_faces", ""))
     return encode_frame({"type": GENERATE, "job_id": job_id, "job": job}, arrays)
+
+
+def texture_mesh(
+    job_id: str,
+    job: dict[str, Any],
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    uvs: np.ndarray | None = None,
+) -> bytes:
+    """Start a texture job on this mesh, which the asset keeps exactly: `job` is a JobSpec dict (its
+    "kind" becomes "texture"), vertices <f4 [N,3] in the object's local space (Z up), faces <i4
+    [F,3] or [F,4] (quads), optional per-corner UVs <f4 [F,3|4,2] (v up) to bake into. A server
+    older than this message answers `unknown_type`. Shapes are checked by the server
+    (`server.job.fixed_mesh.FixedMesh.from_arrays`), so a bad mesh comes back as `bad_settings`."""
+    arrays = {
+        "mesh_vertices": np.asarray(vertices, dtype="<f4"),
+        "mesh_faces": np.asarray(faces, dtype="<i4"),
+    }
+    if uvs is not None:
+        arrays["mesh_uvs"] = np.asarray(uvs, dtype="<f4")
+    return encode_frame({"type": TEXTURE_MESH, "job_id": job_id, "job": job}, arrays)
 
 
 def cancel(job_id: str) -> bytes:
