@@ -9,6 +9,15 @@ second as JSON lists.
 This module is the contract: the Blender extension imports it (through `server.wire.client`), so it
 imports only the standard library and numpy. Every message type has a constructor below that
 returns the encoded frame; `FrameReader.read` / `read_frame` turn a stream back into `Message`s.
+
+Versioning. The hello's `protocol` must match exactly, so `PROTOCOL_VERSION` changes only when a
+message changes meaning or a field every peer relies on changes. New message types and new optional
+header fields extend version 1 instead: a receiver ignores header fields it does not know, and a
+server answers a type it does not know with `unknown_type` (the client turns that into "update the
+server", so an older server keeps working for everything else). Extensions of v1 so far: `finish`
+(stop after the current step and deliver), `done`'s `stopped_at_step`, `texture_mesh` (texture the
+client's own mesh, kept exactly), `progress`'s `queue_position` (jobs ahead on a shared server), and
+the pre-hello size limits `HELLO_MAX_HEADER_BYTES` / `HELLO_MAX_PAYLOAD_BYTES`.
 """
 
 from __future__ import annotations
