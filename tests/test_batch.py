@@ -175,3 +175,47 @@ def test_the_batch_bench_puts_one_and_two_workers_beside_the_single_job_path(ray
     one = record["batches"][0]
     assert 0 < one["startup_s"] < one["wall_s"] and 0 <= record["overhead_per_job_s"] < one["job_s_mean"]
     assert [len(asset_folders(tmp_path / name)) for name in ("single", "ray1", "ray2")] == [2, 2, 2]
+
+
+def test_a_server_batch_streams_each_variant_with_its_glb_and_a_bad_one_fails_alone(ray_address, tmp_path):
+    """The `batch` message on a real `serve` process joined to the session's Ray: each variant arrives as
+    its own `done` with the GLB bytes the batch wrote, progress counts variants, a bad prompt fails alone."""
+    from server.wire.client import ServerProcess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    server = ServerProcess(
+        sys.executable, ["--ray", ray_address, "--output-root", str(tmp_path)], cwd=REPO, env=env
+    )
+    try:
+        server.hello()
+        job = {**QUICK, "prompt": "a red cube", "prior": "shapes", "device": "cpu"}
+        server.batch("b1", job, [0, 1], prompts=["a red cube", "x" * 600])
+        frames = []
+        while not frames or frames[-1].type not in ("batch_done", "error", "cancelled"):
+            message = server.get(timeout=300)
+            assert message is not None, "the server went quiet"
+            frames.append(message)
+    finally:
+        server.shutdown()
+        server.close()
+    assert frames[0].type == "accepted" and frames[0].get("job_id") == "b1"
+    final = frames[-1]
+    assert final.type == "batch_done", final.header
+    assert final.get("assets") == 2 and not final.get("retried") and not final.get("cancelled")
+    assert final.get("failed") == [
+        {"prompt": "x" * 600, "seed": s, "error": "prompt: must be at most 500 characters, got 600"}
+        for s in (0, 1)
+    ]
+    done = [m for m in frames if m.type == "done"]
+    assert sorted((m.get("seed"), m.get("prompt"), m.get("batch_id")) for m in done) == [
+        (0, "a red cube", "b1"),
+        (1, "a red cube", "b1"),
+    ]
+    assert len({m.get("job_id") for m in done}) == 2
+    for message in done:
+        glb = message.blobs["glb"][0]
+        assert glb == Path(message.get("glb")).read_bytes(), "the bytes the batch wrote"
+        assert Path(message.get("glb")).is_relative_to(tmp_path / "b1")
+        assert len(trimesh.load(trimesh.util.wrap_as_stream(glb), file_type="glb", force="mesh").faces) > 0
+    counts = [(m.get("step"), m.get("total")) for m in frames if m.type == "progress"]
+    assert counts[0] == (0, 4) and counts[-1] == (4, 4) and counts == sorted(counts)

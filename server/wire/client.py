@@ -176,6 +176,10 @@ class Connection:
         """Start a job; `accepted` (or an error) follows, then progress, previews and one final frame."""
         self.send(protocol.generate(job_id, job, init_vertices, init_faces))
 
+    def batch(self, batch_id: str, job: dict, seeds: list[int], prompts: list[str] | None = None) -> None:
+        """Many variants of `job` on the server's Ray, each arriving as its own `done` (`protocol.batch`)."""
+        self.send(protocol.batch(batch_id, job, seeds, prompts))
+
     def cancel(self, job_id: str) -> None:
         self.send(protocol.cancel(job_id))
 
