@@ -1,4 +1,5 @@
-"""`bpy.ops.cfd.*`: generate, finish now, cancel, re-roll, regenerate, and the helpers around them.
+"""`bpy.ops.cfd.*`: generate, finish now, cancel, re-roll, variants (a batch on Ray), regenerate, and the
+helpers around them.
 
 Operators only gather values and call the session with the server; the job starts and returns at once (the
 asset arrives through the pump). `wait=True` blocks until it is done, for scripts under
@@ -94,6 +95,18 @@ def reference_variant(context: bpy.types.Context) -> bpy.types.Object | None:
     return obj if is_variant(obj) and context.scene.objects.get(obj.name) else None
 
 
+def variant_source(context: bpy.types.Context) -> tuple[dict, tuple[float, float, float], float, bool]:
+    """What Re-roll and Variants vary: the selected (or last) variant's job, its place and size (True);
+    else the panel's job, at the spot Generate would use (False). ValueError: what is missing."""
+    reference = reference_variant(context)
+    size = result_size(context, reference)
+    if reference is not None:
+        return machine_job(jobs.decode_job(reference["cfd_job"])), tuple(reference.location), size, True
+    location = generate_location(context)
+    job, _ = job_from_panel(context, result_centre(location, size))
+    return job, location, size, False
+
+
 def free_spot(context: bpy.types.Context, start, size: float) -> tuple[float, float, float]:
     """Where a new result's bottom centre goes: on the surface below `start`, else the nearest spot to its
     right (+X) where the result's box (`size` wide and high, plus a gap around it) overlaps no visible
@@ -148,16 +161,22 @@ def send_job(operator, context, job: dict, location, size: float, mesh=None) -> 
     The scene's first result is framed in the 3D views as it starts, so a newcomer watches it grow."""
     ctl = session.get()
     first = not any(is_variant(obj) for obj in context.scene.objects)
-    if ctl.start(context, job, location, mesh, size) is None:
+    started = ctl.start(context, job, location, mesh, size) is not None
+    if started and first and preferences().frame_first_result:
+        scene_objects.frame_in_views(context, result_centre(location, size), size / 2)
+    return started_or_reported(operator, started)
+
+
+def started_or_reported(operator, started: bool) -> set[str]:
+    """The operator's result once the session was asked to start: the session's error reported if it
+    could not; with the operator's `wait`, after the job (or batch) ended."""
+    ctl = session.get()
+    if started and operator.wait:
+        ctl.wait()
+        started = ctl.error is None
+    if not started:
         operator.report({"ERROR"}, f"{ctl.error.message}. {ctl.error.fix}")
         return {"CANCELLED"}
-    if first and preferences().frame_first_result:
-        scene_objects.frame_in_views(context, result_centre(location, size), size / 2)
-    if operator.wait:
-        ctl.wait()
-        if ctl.error is not None:
-            operator.report({"ERROR"}, f"{ctl.error.message}. {ctl.error.fix}")
-            return {"CANCELLED"}
     return {"FINISHED"}
 
 
@@ -205,11 +224,9 @@ class CFD_OT_generate(bpy.types.Operator):
         return send_job(self, context, job, location, size, mesh)
 
 
-class CFD_OT_reroll(bpy.types.Operator):
-    """Same settings as the selected (or last) variant with a new seed, placed beside it"""
+class _NewSeeds:
+    """Re-roll and Variants: new seeds of the selected (or last) variant, whenever no job runs."""
 
-    bl_idname = "cfd.reroll"
-    bl_label = "Re-roll"
     bl_options = {"REGISTER"}  # noqa: RUF012
 
     wait: WAIT
@@ -218,16 +235,18 @@ class CFD_OT_reroll(bpy.types.Operator):
     def poll(cls, context):
         return _poll_idle(cls, context)
 
+
+class CFD_OT_reroll(_NewSeeds, bpy.types.Operator):
+    """Same settings as the selected (or last) variant with a new seed, placed beside it"""
+
+    bl_idname = "cfd.reroll"
+    bl_label = "Re-roll"
+
     def execute(self, context):
-        reference = reference_variant(context)
-        size = result_size(context, reference)
         try:
-            if reference is not None:
-                job = machine_job(jobs.decode_job(reference["cfd_job"]))
-                location = free_spot(context, reference.location, size)
-            else:
-                location = generate_location(context)
-                job, _ = job_from_panel(context, result_centre(location, size))
+            job, location, size, from_variant = variant_source(context)
+            if from_variant:
+                location = free_spot(context, location, size)
             job = jobs.with_seed(job, jobs.new_seed(np.random.default_rng(), avoid=job["seed"]))
             mesh = init_mesh(context, job)
         except ValueError as error:
@@ -235,6 +254,37 @@ class CFD_OT_reroll(bpy.types.Operator):
             return {"CANCELLED"}
         context.scene.cfd.seed = job["seed"]
         return send_job(self, context, job, location, size, mesh)
+
+
+class CFD_OT_variants(_NewSeeds, bpy.types.Operator):
+    """Variants of the selected (or last) variant as one batch the server runs on Ray: Variants new seeds,
+    of every prompt of the prompt list when one is set; each arrives beside the others as it finishes"""
+
+    bl_idname = "cfd.variants"
+    bl_label = "Variants"
+
+    def execute(self, context):
+        settings = context.scene.cfd
+        try:
+            job, start, size, _ = variant_source(context)
+        except ValueError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        if job["init_shape"] == "mesh":
+            self.report(
+                {"ERROR"}, "Variants start from a sphere: set Start to Sphere, or Re-roll one at a time"
+            )
+            return {"CANCELLED"}
+        prompts = None
+        if settings.prompt_list is not None:
+            prompts = jobs.prompt_lines(settings.prompt_list.as_string())
+            if not prompts:
+                self.report({"ERROR"}, f"The prompt list {settings.prompt_list.name!r} has no prompts")
+                return {"CANCELLED"}
+        seeds = jobs.new_seeds(np.random.default_rng(), settings.variants, avoid=job["seed"])
+        place = lambda ctx: free_spot(ctx, start, size)  # noqa: E731 (each variant where it fits then)
+        started = session.get().start_batch(context, job, seeds, prompts, place, size)
+        return started_or_reported(self, started is not None)
 
 
 class CFD_OT_regenerate(bpy.types.Operator):
@@ -424,6 +474,7 @@ class CFD_OT_open_output_folder(bpy.types.Operator):
 CLASSES = (
     CFD_OT_generate,
     CFD_OT_reroll,
+    CFD_OT_variants,
     CFD_OT_regenerate,
     CFD_OT_cancel,
     CFD_OT_finish_now,

@@ -68,6 +68,18 @@ class CFDSettings(bpy.types.PropertyGroup):
     )
     init_shape: EnumProperty(name="Start", items=INIT_ITEMS, default="SPHERE")
     init_object: PointerProperty(name="Mesh", type=bpy.types.Object, poll=_is_mesh)
+    variants: IntProperty(
+        name="Variants",
+        description="How many seeds the Variants button sends as one batch (the server runs it on Ray)",
+        min=1,
+        max=64,
+        default=4,
+    )
+    prompt_list: PointerProperty(
+        name="Prompts",
+        type=bpy.types.Text,
+        description="A text of prompts, one a line: Variants makes each of them with every seed",
+    )
 
 
 def _rebuild_rig(self, context) -> None:

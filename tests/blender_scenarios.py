@@ -687,6 +687,74 @@ def shapes_prior(zip_path: str, out: Path) -> dict:
     return {"variants": names, "preview_delay_ms": [1e3 * d for d in previews]}
 
 
+def batch_variants(zip_path: str, out: Path) -> dict:
+    """Variants: N new seeds of the selected variant as one batch, run by the real server on the test's
+    Ray instance (CFD_TEST_RAY); each variant is imported as it arrives, beside the others, with the
+    progress bar counting variants; a prompt list makes each listed prompt; an older server says why not."""
+    ctl_module, _ = install(zip_path, out)
+    os.environ["BLENDER_CFD_SERVER_ARGS"] = f"--ray {os.environ['CFD_TEST_RAY']}"
+    ctl = ctl_module.get()
+    settings = bpy.context.scene.cfd
+    assert ctl.start(bpy.context, quick_shapes_job(out, guidance_scale=10.0), (0.0, 0.0, 0.0)) is not None
+    pump_until(ctl, lambda: not ctl.busy, timeout=300, what="the reference variant")
+    reference = bpy.data.objects[ctl.last_variant]
+    assert ctl.error is None and reference.name == "a red cube (seed 3)", ctl.error
+
+    settings.variants = 2
+    assert bpy.ops.cfd.variants() == {"FINISHED"} and ctl.job.is_batch
+    panel = draw_panels()
+    assert shown(panel, "prop", name="variants") and shown(panel, "operator", idname="cfd.variants")
+    assert "Variants 0/2 done" in shown(panel, "progress")[0]["text"]
+    collection = bpy.data.collections["CFD Variants"]
+    seen, arrivals, started = set(), [], time.monotonic()
+    while ctl.busy:
+        assert time.monotonic() - started < 300, f"the batch did not end; error: {ctl.error}"
+        ctl.pump()
+        seen.add((ctl.progress.step, ctl.progress.total))
+        if len(collection.objects) > 1 + len(arrivals):
+            arrivals.append(round(time.monotonic() - started, 1))
+        time.sleep(0.05)
+    assert ctl.error is None, ctl.error
+    assert (1, 2) in seen or len(arrivals) == 2, seen
+    batch = [obj for obj in collection.objects if obj is not reference]
+    seeds = sorted(obj["cfd_seed"] for obj in batch)
+    assert len(batch) == 2 and len(set(seeds)) == 2 and 3 not in seeds, seeds
+    for obj in batch:
+        assert obj.name == f"a red cube (seed {obj['cfd_seed']})" and len(obj.data.polygons) > 0
+        assert obj.active_material is not None and not overlapping(obj), overlapping(obj)
+        assert obj.location.x > reference.location.x, "placed beside the variant it varies"
+        assert (Path(obj["cfd_output"]) / "preview.png").is_file()
+    xs = sorted(obj.location.x for obj in batch)
+    render_variants([reference, *batch], out / "batch_variants.png")
+
+    # A prompt list: each listed prompt, with each of Variants seeds (here one).
+    text = bpy.data.texts.new("level")
+    text.write("a blue sphere\n# not a prompt\n\na green cone\n")
+    settings.prompt_list, settings.variants = text, 1
+    assert bpy.ops.cfd.variants(wait=True) == {"FINISHED"}, ctl.error
+    listed = sorted(
+        obj["cfd_prompt"] for obj in collection.objects if obj is not reference and obj not in batch
+    )
+    assert listed == ["a blue sphere", "a green cone"], listed
+    assert "torch" not in sys.modules and "ray" not in sys.modules, "Blender never imports torch or Ray"
+
+    # A server older than batches answers unknown_type: a clear message, and nothing is left running.
+    ctl.shutdown()
+    os.environ["BLENDER_CFD_SERVER_ARGS"] = SERVER_ARGS.replace("blender_fake_runner", "blender_old_server")
+    assert bpy.ops.cfd.variants() == {"FINISHED"}
+    pump_until(ctl, lambda: not ctl.busy, what="the old server's answer")
+    assert ctl.error.code == "batch_unsupported", ctl.error
+    assert "older than Variants" in labels(draw_panels())
+    render = str(out / "batch_variants.png")
+    return {
+        "arrivals_s": arrivals,
+        "batch_x": xs,
+        "seeds": seeds,
+        "old_server": ctl.error.message,
+        "render": render,
+    }
+
+
 def world_vertices(obj) -> np.ndarray:
     matrix = np.array(obj.matrix_world, dtype=np.float64)
     return vertices_of(obj).astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
@@ -958,6 +1026,7 @@ SCENARIOS = {
         shapes_prior,
         placement,
         keep_assets,
+        batch_variants,
     )
 }
 

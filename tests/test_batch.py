@@ -177,9 +177,20 @@ def test_the_batch_bench_puts_one_and_two_workers_beside_the_single_job_path(ray
     assert [len(asset_folders(tmp_path / name)) for name in ("single", "ray1", "ray2")] == [2, 2, 2]
 
 
+def frames_until_the_end(server) -> list:
+    """The frames of the batch in flight, up to its final one (batch_done, cancelled or error)."""
+    frames = []
+    while not frames or frames[-1].type not in ("batch_done", "error", "cancelled"):
+        message = server.get(timeout=300)
+        assert message is not None, "the server went quiet"
+        frames.append(message)
+    return frames
+
+
 def test_a_server_batch_streams_each_variant_with_its_glb_and_a_bad_one_fails_alone(ray_address, tmp_path):
     """The `batch` message on a real `serve` process joined to the session's Ray: each variant arrives as
-    its own `done` with the GLB bytes the batch wrote, progress counts variants, a bad prompt fails alone."""
+    its own `done` with the GLB bytes the batch wrote, progress counts variants, a bad prompt fails alone;
+    a cancelled batch stops within seconds."""
     from server.wire.client import ServerProcess
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -190,11 +201,18 @@ def test_a_server_batch_streams_each_variant_with_its_glb_and_a_bad_one_fails_al
         server.hello()
         job = {**QUICK, "prompt": "a red cube", "prior": "shapes", "device": "cpu"}
         server.batch("b1", job, [0, 1], prompts=["a red cube", "x" * 600])
-        frames = []
-        while not frames or frames[-1].type not in ("batch_done", "error", "cancelled"):
-            message = server.get(timeout=300)
-            assert message is not None, "the server went quiet"
-            frames.append(message)
+        frames = frames_until_the_end(server)
+        # Cancel stops a batch promptly: its workers are killed, and the batch ends with `cancelled`.
+        server.batch("b2", {**job, "steps": 400}, [5, 6, 7])
+        assert server.wait_for("accepted", 30).get("job_id") == "b2"
+        time.sleep(3.0)
+        server.cancel("b2")
+        cancelled_at = time.monotonic()
+        ending = frames_until_the_end(server)[-1]
+        stopped_s = time.monotonic() - cancelled_at
+        assert ending.type == "cancelled" and ending.get("job_id") == "b2", ending.header
+        assert stopped_s < 10.0, stopped_s
+        assert server.ping() < 1.0, "the server takes the next request"
     finally:
         server.shutdown()
         server.close()

@@ -50,7 +50,9 @@ def extension_zip(tmp_path_factory) -> Path:
     return next(out.glob("blender_cfd-*.zip"))
 
 
-def run_scenario(name: str, extension_zip: Path, tmp_path: Path, returncode: int = 0) -> dict:
+def run_scenario(
+    name: str, extension_zip: Path, tmp_path: Path, returncode: int = 0, timeout: float = 180
+) -> dict:
     env = dict(os.environ)
     env.update(
         BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"),
@@ -59,7 +61,7 @@ def run_scenario(name: str, extension_zip: Path, tmp_path: Path, returncode: int
         OMP_NUM_THREADS="1",
     )
     command = [sys.executable, str(TESTS / "blender_scenarios.py"), name, str(extension_zip), str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
     assert result.returncode == returncode, (
         f"scenario {name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     )
@@ -384,6 +386,16 @@ def test_generate_streams_then_rerolls_and_regenerates_variants(extension_zip, t
 def test_a_real_job_on_the_shapes_prior_becomes_a_textured_variant(extension_zip, tmp_path):
     result = run_scenario("shapes_prior", extension_zip, tmp_path)
     assert result["variants"] == ["a red cube (seed 3)", "a red cube (seed 3).001"]
+
+
+@needs_bpy
+def test_variants_run_as_a_ray_batch_and_arrive_beside_each_other(
+    extension_zip, tmp_path, ray_address, monkeypatch
+):
+    monkeypatch.setenv("CFD_TEST_RAY", ray_address)  # the server joins the session's Ray instance
+    result = run_scenario("batch_variants", extension_zip, tmp_path, timeout=600)
+    print(json.dumps(result, indent=2))
+    assert result["batch_x"][1] > result["batch_x"][0] and "older than Variants" in result["old_server"]
 
 
 @needs_bpy
