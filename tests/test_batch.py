@@ -237,3 +237,31 @@ def test_a_server_batch_streams_each_variant_with_its_glb_and_a_bad_one_fails_al
         assert len(trimesh.load(trimesh.util.wrap_as_stream(glb), file_type="glb", force="mesh").faces) > 0
     counts = [(m.get("step"), m.get("total")) for m in frames if m.type == "progress"]
     assert counts[0] == (0, 4) and counts[-1] == (4, 4) and counts == sorted(counts)
+
+
+class FinishOnFirstStart(BatchListener):
+    """Asks the batch to finish as soon as its first job is sent (a client's Finish now)."""
+
+    def __init__(self):
+        self.sent: list[int] = []
+
+    def started(self, job: BatchJob, worker_pid: int) -> None:
+        self.sent.append(job.seed)
+
+
+def test_finishing_a_batch_sends_no_new_job_and_delivers_the_running_one(ray_address, tmp_path: Path):
+    listener = FinishOnFirstStart()
+    jobs = batch_jobs(["a red cube"], [0, 1, 2], QUICK)
+    result = run_batch(
+        jobs,
+        tmp_path,
+        workers=2,
+        resources=CPU_WORKER,
+        listener=listener,
+        finishing=lambda: bool(listener.sent),
+    ).to_dict()
+    assert listener.sent == [0], "nothing was sent after Finish now"
+    assert [a["seed"] for a in result["assets"]] == [0] and not result["failed"]
+    assert [c["seed"] for c in result["cancelled"]] == [1, 2]
+    assert len(trimesh.load(result["assets"][0]["glb"], force="mesh").faces) > 0
+    assert len(asset_folders(tmp_path)) == 1
