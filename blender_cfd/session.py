@@ -6,6 +6,9 @@ preview mesh and texture, and turns the final frame into a variant. In Blender a
 `tick()` (which pumps and redraws); without an event loop (bpy as a module, `blender -b`) timers
 never fire, so scripts and tests call `pump()` or `wait()` directly.
 
+The job may be a batch (Variants): the server runs it on Ray and sends each variant as its own `done`,
+which becomes a new variant at once, beside the others; `batch_done` ends it.
+
 Datablocks are looked up by name on every pump: undo and file loads free the Python objects.
 """
 
@@ -91,7 +94,6 @@ class ActiveJob:
     preview_step: int = -1
     # A batch (Variants): no preview object; each finished variant is placed where `place` says then.
     place: Callable[[bpy.types.Context], tuple[float, float, float]] | None = None
-    delivered: int = 0  # a batch's variants in the scene
 
     @property
     def is_batch(self) -> bool:
@@ -488,7 +490,6 @@ class Session:
         scene_objects.finish_variant(obj, asset, name, properties, location, job.size)
         scene_objects.select_only(bpy.context, obj)
         self.last_variant = obj.name
-        job.delivered += 1
         undo_push(f"CFD: {obj.name}")
 
     def _end_batch(self, message: protocol.Message) -> None:
