@@ -690,8 +690,9 @@ def shapes_prior(zip_path: str, out: Path) -> dict:
 def batch_variants(zip_path: str, out: Path) -> dict:
     """Variants: N new seeds of the selected variant as one batch, run by the real server on the test's
     Ray instance (CFD_TEST_RAY); each variant is imported as it arrives, beside the others, with the
-    progress bar counting variants; a prompt list makes each listed prompt; an older server says why not."""
-    ctl_module, _ = install(zip_path, out)
+    progress bar counting variants; a prompt list makes each listed prompt, on a server reached over TCP;
+    an older server says why not."""
+    ctl_module, prefs = install(zip_path, out)
     os.environ["BLENDER_CFD_SERVER_ARGS"] = f"--ray {os.environ['CFD_TEST_RAY']}"
     ctl = ctl_module.get()
     settings = bpy.context.scene.cfd
@@ -700,46 +701,64 @@ def batch_variants(zip_path: str, out: Path) -> dict:
     reference = bpy.data.objects[ctl.last_variant]
     assert ctl.error is None and reference.name == "a red cube (seed 3)", ctl.error
 
-    settings.variants = 2
+    settings.variants = 3  # on two workers: the third arrives after the first two are in the scene
     assert bpy.ops.cfd.variants() == {"FINISHED"} and ctl.job.is_batch
     panel = draw_panels()
     assert shown(panel, "prop", name="variants") and shown(panel, "operator", idname="cfd.variants")
-    assert "Variants 0/2 done" in shown(panel, "progress")[0]["text"]
+    assert "Variants 0/3 done" in shown(panel, "progress")[0]["text"]
     collection = bpy.data.collections["CFD Variants"]
-    seen, arrivals, started = set(), [], time.monotonic()
+    arrivals, started = {}, time.monotonic()  # variants in the scene -> when, and the progress then
     while ctl.busy:
         assert time.monotonic() - started < 300, f"the batch did not end; error: {ctl.error}"
         ctl.pump()
-        seen.add((ctl.progress.step, ctl.progress.total))
-        if len(collection.objects) > 1 + len(arrivals):
-            arrivals.append(round(time.monotonic() - started, 1))
+        in_scene = len(collection.objects) - 1
+        if in_scene and in_scene not in arrivals:
+            arrivals[in_scene] = (round(time.monotonic() - started, 1), ctl.progress.step, ctl.busy)
         time.sleep(0.05)
     assert ctl.error is None, ctl.error
-    assert (1, 2) in seen or len(arrivals) == 2, seen
+    assert any(busy for _, _, busy in arrivals.values()), (
+        f"a variant was in before the batch ended: {arrivals}"
+    )
+    assert all(step >= count for count, (_, step, _) in arrivals.items()), arrivals
     batch = [obj for obj in collection.objects if obj is not reference]
     seeds = sorted(obj["cfd_seed"] for obj in batch)
-    assert len(batch) == 2 and len(set(seeds)) == 2 and 3 not in seeds, seeds
+    assert len(batch) == 3 and len(set(seeds)) == 3 and 3 not in seeds, seeds
     for obj in batch:
         assert obj.name == f"a red cube (seed {obj['cfd_seed']})" and len(obj.data.polygons) > 0
         assert obj.active_material is not None and not overlapping(obj), overlapping(obj)
         assert obj.location.x > reference.location.x, "placed beside the variant it varies"
         assert (Path(obj["cfd_output"]) / "preview.png").is_file()
     xs = sorted(obj.location.x for obj in batch)
+    assert xs[0] < xs[1] < xs[2], xs
     render_variants([reference, *batch], out / "batch_variants.png")
 
-    # A prompt list: each listed prompt, with each of Variants seeds (here one).
-    text = bpy.data.texts.new("level")
-    text.write("a blue sphere\n# not a prompt\n\na green cone\n")
-    settings.prompt_list, settings.variants = text, 1
-    assert bpy.ops.cfd.variants(wait=True) == {"FINISHED"}, ctl.error
-    listed = sorted(
-        obj["cfd_prompt"] for obj in collection.objects if obj is not reference and obj not in batch
+    # A prompt list (each listed prompt with each of Variants seeds, here one), sent to a server reached
+    # over TCP with its token, as a cluster's head node is: the variants' GLBs come in their frames.
+    ctl.shutdown()
+    command = [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--token", "s3cret"]
+    command += ["--ray", os.environ["CFD_TEST_RAY"], "--output-root", str(out / "head_node")]
+    server = subprocess.Popen(
+        command, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True
     )
-    assert listed == ["a blue sphere", "a green cone"], listed
+    try:
+        address = next(json.loads(line)["listening"] for line in server.stderr if '"listening"' in line)
+        threading.Thread(target=server.stderr.read, daemon=True).start()  # keep its log from blocking it
+        prefs.remote_address, prefs.remote_token = address, "s3cret"
+        text = bpy.data.texts.new("level")
+        text.write("a blue sphere\n# not a prompt\n\na green cone\n")
+        settings.prompt_list, settings.variants = text, 1
+        assert bpy.ops.cfd.variants(wait=True) == {"FINISHED"}, ctl.error
+        ctl.shutdown()
+    finally:
+        server.kill()
+        server.wait()
+        prefs.remote_address = ""
+    listed = [obj for obj in collection.objects if obj is not reference and obj not in batch]
+    assert sorted(obj["cfd_prompt"] for obj in listed) == ["a blue sphere", "a green cone"], listed
+    assert all(len(obj.data.polygons) > 0 and not overlapping(obj) for obj in listed)
     assert "torch" not in sys.modules and "ray" not in sys.modules, "Blender never imports torch or Ray"
 
     # A server older than batches answers unknown_type: a clear message, and nothing is left running.
-    ctl.shutdown()
     os.environ["BLENDER_CFD_SERVER_ARGS"] = SERVER_ARGS.replace("blender_fake_runner", "blender_old_server")
     assert bpy.ops.cfd.variants() == {"FINISHED"}
     pump_until(ctl, lambda: not ctl.busy, what="the old server's answer")
@@ -747,7 +766,7 @@ def batch_variants(zip_path: str, out: Path) -> dict:
     assert "older than Variants" in labels(draw_panels())
     render = str(out / "batch_variants.png")
     return {
-        "arrivals_s": arrivals,
+        "arrivals": arrivals,
         "batch_x": xs,
         "seeds": seeds,
         "old_server": ctl.error.message,
