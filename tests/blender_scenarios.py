@@ -518,18 +518,28 @@ def inputs(zip_path: str, out: Path) -> dict:
     return {"orbit": orbit, "camera_c2w": c2w.tolist()}
 
 
-def remote(zip_path: str, out: Path) -> dict:
-    """A server started elsewhere (`serve --listen`, loopback TCP): the token is checked, jobs work."""
-    _, prefs = install(zip_path, out)
-    ctl = sys.modules[f"{MODULE}.blender_cfd.session"].get()
-    command = [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--token", "s3cret"]
-    command += [*SERVER_ARGS.split(), "--output-root", str(out / "remote_assets")]
+@contextlib.contextmanager
+def tcp_server(args: list[str]):
+    """`serve --listen` on a free loopback port with the token "s3cret"; yields its address."""
+    command = [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--token", "s3cret", *args]
     server = subprocess.Popen(
         command, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True
     )
     try:
         address = next(json.loads(line)["listening"] for line in server.stderr if '"listening"' in line)
         threading.Thread(target=server.stderr.read, daemon=True).start()  # keep its log from blocking it
+        yield address
+        assert server.poll() is None, "leaving must not stop a server that others may use"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def remote(zip_path: str, out: Path) -> dict:
+    """A server started elsewhere (`serve --listen`, loopback TCP): the token is checked, jobs work."""
+    _, prefs = install(zip_path, out)
+    ctl = sys.modules[f"{MODULE}.blender_cfd.session"].get()
+    with tcp_server([*SERVER_ARGS.split(), "--output-root", str(out / "remote_assets")]) as address:
         prefs.remote_address, prefs.remote_token = address, "wrong"
         set_panel("a remote teapot", 9)
         assert "token" in reported_error(bpy.ops.cfd.generate, wait=True)
@@ -542,10 +552,6 @@ def remote(zip_path: str, out: Path) -> dict:
             and ctl.server_info["device_name"] == "blender-cfd fake runner"
         )
         ctl.shutdown()
-        assert server.poll() is None, "leaving must not stop a server that others may use"
-    finally:
-        server.kill()
-        server.wait()
     return {"address": address}
 
 
@@ -735,24 +741,16 @@ def batch_variants(zip_path: str, out: Path) -> dict:
     # A prompt list (each listed prompt with each of Variants seeds, here one), sent to a server reached
     # over TCP with its token, as a cluster's head node is: the variants' GLBs come in their frames.
     ctl.shutdown()
-    command = [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--token", "s3cret"]
-    command += ["--ray", os.environ["CFD_TEST_RAY"], "--output-root", str(out / "head_node")]
-    server = subprocess.Popen(
-        command, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True
-    )
-    try:
-        address = next(json.loads(line)["listening"] for line in server.stderr if '"listening"' in line)
-        threading.Thread(target=server.stderr.read, daemon=True).start()  # keep its log from blocking it
+    with tcp_server(
+        ["--ray", os.environ["CFD_TEST_RAY"], "--output-root", str(out / "head_node")]
+    ) as address:
         prefs.remote_address, prefs.remote_token = address, "s3cret"
         text = bpy.data.texts.new("level")
         text.write("a blue sphere\n# not a prompt\n\na green cone\n")
         settings.prompt_list, settings.variants = text, 1
         assert bpy.ops.cfd.variants(wait=True) == {"FINISHED"}, ctl.error
         ctl.shutdown()
-    finally:
-        server.kill()
-        server.wait()
-        prefs.remote_address = ""
+    prefs.remote_address = ""
     listed = [obj for obj in collection.objects if obj is not reference and obj not in batch]
     assert sorted(obj["cfd_prompt"] for obj in listed) == ["a blue sphere", "a green cone"], listed
     assert all(len(obj.data.polygons) > 0 and not overlapping(obj) for obj in listed)
