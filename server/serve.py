@@ -7,7 +7,9 @@ requires a token in the client's hello. Each connection has its own thread: its 
 under its own deadline and size limits, so a silent or hostile stranger delays nobody and is
 buffered nothing. Jobs of all connections queue for the device in arrival order; one runs at a
 time in a worker thread, and each connection receives only its own jobs' frames. The reader loops
-stay responsive for ping, cancel and finish.
+stay responsive for ping, cancel and finish. A `batch` (many variants of one job) is one entry of the
+queue: its thread runs it on Ray (`--ray`, the optional extra, imported only then) and streams each
+variant as it finishes.
 """
 
 from __future__ import annotations
