@@ -347,6 +347,21 @@ def encode_job(job: dict) -> str:
     return json.dumps(job, sort_keys=True)
 
 
+def new_seeds(rng: np.random.Generator, count: int, avoid: int) -> list[int]:
+    """`count` different fresh seeds for a batch of variants, none of them the one being re-rolled."""
+    seeds: list[int] = []
+    while len(seeds) < count:
+        seed = new_seed(rng, avoid)
+        if seed not in seeds:
+            seeds.append(seed)
+    return seeds
+
+
+def prompt_lines(text: str) -> list[str]:
+    """A prompt list: one prompt a line; blank lines and lines starting with # are skipped."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def decode_job(text: str) -> dict:
     job = json.loads(text)
     if not isinstance(job, dict) or job.get("format") != JOB_FORMAT:

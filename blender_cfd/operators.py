@@ -1,4 +1,5 @@
-"""`bpy.ops.cfd.*`: generate, finish now, cancel, re-roll, regenerate, and the helpers around them.
+"""`bpy.ops.cfd.*`: generate, finish now, cancel, re-roll, variants (a batch on Ray), regenerate, and the
+helpers around them.
 
 Operators only gather values and call the session with the server; the job starts and returns at once (the
 asset arrives through the pump). `wait=True` blocks until it is done, for scripts under
@@ -83,11 +84,10 @@ def send_texture_job(operator, context, job: dict, source: bpy.types.Object) -> 
     vertices, faces, uvs = scene_objects.local_mesh(context, source)
     if context.scene.cfd.fresh_uvs or job.get("uv_mode") == "unwrap":
         uvs = None
-    ctl = session.get()
-    if ctl.start(context, job, tuple(source.location), source=source, surface=(vertices, faces, uvs)) is None:
-        operator.report({"ERROR"}, f"{ctl.error.message}. {ctl.error.fix}")
-        return {"CANCELLED"}
-    return finish_if_waiting(operator, ctl)
+    started = session.get().start(
+        context, job, tuple(source.location), source=source, surface=(vertices, faces, uvs)
+    )
+    return started_or_reported(operator, started is not None)
 
 
 def init_mesh(context: bpy.types.Context, job: dict) -> tuple[np.ndarray, np.ndarray] | None:
@@ -120,6 +120,18 @@ def reference_variant(context: bpy.types.Context) -> bpy.types.Object | None:
     last = session.get().last_variant
     obj = bpy.data.objects.get(last) if last else None
     return obj if is_variant(obj) and context.scene.objects.get(obj.name) else None
+
+
+def variant_source(context: bpy.types.Context) -> tuple[dict, tuple[float, float, float], float, bool]:
+    """What Re-roll and Variants vary: the selected (or last) variant's job, its place and size (True);
+    else the panel's job, at the spot Generate would use (False). ValueError: what is missing."""
+    reference = reference_variant(context)
+    size = result_size(context, reference)
+    if reference is not None:
+        return machine_job(jobs.decode_job(reference["cfd_job"])), tuple(reference.location), size, True
+    location = generate_location(context)
+    job, _ = job_from_panel(context, result_centre(location, size))
+    return job, location, size, False
 
 
 def free_spot(context: bpy.types.Context, start, size: float) -> tuple[float, float, float]:
@@ -176,21 +188,22 @@ def send_job(operator, context, job: dict, location, size: float, mesh=None) -> 
     The scene's first result is framed in the 3D views as it starts, so a newcomer watches it grow."""
     ctl = session.get()
     first = not any(is_variant(obj) for obj in context.scene.objects)
-    if ctl.start(context, job, location, mesh, size) is None:
+    started = ctl.start(context, job, location, mesh, size) is not None
+    if started and first and preferences().frame_first_result:
+        scene_objects.frame_in_views(context, result_centre(location, size), size / 2)
+    return started_or_reported(operator, started)
+
+
+def started_or_reported(operator, started: bool) -> set[str]:
+    """The operator's result once the session was asked to start: the session's error reported if it
+    could not; with the operator's `wait`, after the job (or batch) ended."""
+    ctl = session.get()
+    if started and operator.wait:
+        ctl.wait()
+        started = ctl.error is None
+    if not started:
         operator.report({"ERROR"}, f"{ctl.error.message}. {ctl.error.fix}")
         return {"CANCELLED"}
-    if first and preferences().frame_first_result:
-        scene_objects.frame_in_views(context, result_centre(location, size), size / 2)
-    return finish_if_waiting(operator, ctl)
-
-
-def finish_if_waiting(operator, ctl: session.Session) -> set[str]:
-    """With the operator's `wait`, block until the started job's asset is in (or it failed)."""
-    if operator.wait:
-        ctl.wait()
-        if ctl.error is not None:
-            operator.report({"ERROR"}, f"{ctl.error.message}. {ctl.error.fix}")
-            return {"CANCELLED"}
     return {"FINISHED"}
 
 
@@ -292,11 +305,9 @@ class CFD_OT_decimate_copy(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class CFD_OT_reroll(bpy.types.Operator):
-    """Same settings as the selected (or last) variant with a new seed, placed beside it"""
+class _NewSeeds:
+    """Re-roll and Variants: new seeds of the selected (or last) variant, whenever no job runs."""
 
-    bl_idname = "cfd.reroll"
-    bl_label = "Re-roll"
     bl_options = {"REGISTER"}  # noqa: RUF012
 
     wait: WAIT
@@ -304,6 +315,13 @@ class CFD_OT_reroll(bpy.types.Operator):
     @classmethod
     def poll(cls, context):
         return _poll_idle(cls, context)
+
+
+class CFD_OT_reroll(_NewSeeds, bpy.types.Operator):
+    """Same settings as the selected (or last) variant with a new seed, placed beside it"""
+
+    bl_idname = "cfd.reroll"
+    bl_label = "Re-roll"
 
     def execute(self, context):
         reference = reference_variant(context)
@@ -313,14 +331,10 @@ class CFD_OT_reroll(bpy.types.Operator):
             job = jobs.with_seed(job, jobs.new_seed(np.random.default_rng(), avoid=job["seed"]))
             context.scene.cfd.seed = job["seed"]
             return send_texture_job(self, context, job, source)
-        size = result_size(context, reference)
         try:
-            if reference is not None:
-                job = machine_job(jobs.decode_job(reference["cfd_job"]))
-                location = free_spot(context, reference.location, size)
-            else:
-                location = generate_location(context)
-                job, _ = job_from_panel(context, result_centre(location, size))
+            job, location, size, from_variant = variant_source(context)
+            if from_variant:
+                location = free_spot(context, location, size)
             job = jobs.with_seed(job, jobs.new_seed(np.random.default_rng(), avoid=job["seed"]))
             mesh = init_mesh(context, job)
         except ValueError as error:
@@ -328,6 +342,40 @@ class CFD_OT_reroll(bpy.types.Operator):
             return {"CANCELLED"}
         context.scene.cfd.seed = job["seed"]
         return send_job(self, context, job, location, size, mesh)
+
+
+class CFD_OT_variants(_NewSeeds, bpy.types.Operator):
+    """Variants of the selected (or last) variant as one batch the server runs on Ray: Variants new seeds,
+    of every prompt of the prompt list when one is set; each arrives beside the others as it finishes"""
+
+    bl_idname = "cfd.variants"
+    bl_label = "Variants"
+
+    def execute(self, context):
+        settings = context.scene.cfd
+        try:
+            job, start, size, _ = variant_source(context)
+        except ValueError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        if job["init_shape"] == "mesh":
+            self.report(
+                {"ERROR"}, "Variants start from a sphere: set Start to Sphere, or Re-roll one at a time"
+            )
+            return {"CANCELLED"}
+        if job.get("kind") == "texture":
+            self.report({"ERROR"}, "A textured copy is re-textured one at a time: use Re-roll")
+            return {"CANCELLED"}
+        prompts = None
+        if settings.prompt_list is not None:
+            prompts = jobs.prompt_lines(settings.prompt_list.as_string())
+            if not prompts:
+                self.report({"ERROR"}, f"The prompt list {settings.prompt_list.name!r} has no prompts")
+                return {"CANCELLED"}
+        seeds = jobs.new_seeds(np.random.default_rng(), settings.variants, avoid=job["seed"])
+        place = lambda ctx: free_spot(ctx, start, size)  # noqa: E731 (each variant where it fits then)
+        started = session.get().start_batch(context, job, seeds, prompts, place, size)
+        return started_or_reported(self, started is not None)
 
 
 class CFD_OT_regenerate(bpy.types.Operator):
@@ -525,6 +573,7 @@ CLASSES = (
     CFD_OT_texture_selected,
     CFD_OT_decimate_copy,
     CFD_OT_reroll,
+    CFD_OT_variants,
     CFD_OT_regenerate,
     CFD_OT_cancel,
     CFD_OT_finish_now,

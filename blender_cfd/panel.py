@@ -125,6 +125,8 @@ class CFD_PT_generate(bpy.types.Panel):
             if progress.queue_position:  # a shared server runs other clients' jobs first
                 ahead = progress.queue_position
                 text = f"Queued: {ahead} job{'s' if ahead != 1 else ''} ahead"
+            elif job.job is not None and job.job.is_batch:
+                text = f"{text} {progress.step}/{progress.total} done"
             elif progress.total:
                 text = f"{text} {progress.step}/{progress.total} · ETA {format_seconds(progress.eta_s)}"
             row = layout.row(align=True)
@@ -192,6 +194,10 @@ class CFD_PT_variants(bpy.types.Panel):
         row = layout.row(align=True)
         row.operator("cfd.reroll", icon="FILE_REFRESH")
         row.operator("cfd.regenerate", icon="RECOVER_LAST")
+        row = layout.row(align=True)  # a batch: Variants seeds (of each listed prompt) on the server's Ray
+        row.prop(context.scene.cfd, "variants", text="Variants")
+        row.operator("cfd.variants", text="", icon="MOD_ARRAY")
+        layout.prop(context.scene.cfd, "prompt_list")
         obj = context.active_object
         if obj is not None and "cfd_seed" in obj:
             col = layout.column(align=True)

@@ -80,6 +80,18 @@ class CFDSettings(bpy.types.PropertyGroup):
         description="Texture selected: bake into a new UV unwrap instead of the mesh's own UV map",
         default=False,
     )
+    variants: IntProperty(
+        name="Variants",
+        description="How many seeds the Variants button sends as one batch (the server runs it on Ray)",
+        min=1,
+        max=64,
+        default=4,
+    )
+    prompt_list: PointerProperty(
+        name="Prompts",
+        type=bpy.types.Text,
+        description="A text of prompts, one a line: Variants makes each of them with every seed",
+    )
 
 
 def _rebuild_rig(self, context) -> None:

@@ -6,6 +6,9 @@ preview mesh and texture, and turns the final frame into a variant. In Blender a
 `tick()` (which pumps and redraws); without an event loop (bpy as a module, `blender -b`) timers
 never fire, so scripts and tests call `pump()` or `wait()` directly.
 
+The job may be a batch (Variants): the server runs it on Ray and sends each variant as its own `done`,
+which becomes a new variant at once, beside the others; `batch_done` ends it.
+
 Datablocks are looked up by name on every pump: undo and file loads free the Python objects.
 """
 
@@ -20,6 +23,7 @@ import subprocess
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -40,7 +44,9 @@ SERVER_ARGS_ENV = "BLENDER_CFD_SERVER_ARGS"  # development / tests: extra `serve
 PREVIEW_TEXTURE = "CFD Preview Texture"
 DEFAULT_SIZE = 1.0  # metres across a result's largest dimension (the panel's Size)
 # Error codes whose fix lives in the server's environment: the error box offers "Check Environment".
-ENVIRONMENT_ERRORS = frozenset({"no_environment", "server_exited", protocol.MISSING_WEIGHTS})
+ENVIRONMENT_ERRORS = frozenset(
+    {"no_environment", "server_exited", protocol.MISSING_WEIGHTS, protocol.MISSING_EXTRA}
+)
 
 
 class Phase(Enum):
@@ -88,6 +94,12 @@ class ActiveJob:
     preview_step: int = -1
     source: str | None = None  # a texture job's original object (hidden while its copy streams)
     kept: tuple[np.ndarray, np.ndarray] | None = None  # a texture job's sent vertices and triangles
+    # A batch (Variants): no preview object; each finished variant is placed where `place` says then.
+    place: Callable[[bpy.types.Context], tuple[float, float, float]] | None = None
+
+    @property
+    def is_batch(self) -> bool:
+        return self.place is not None
 
 
 TICK_KINDS = ("mesh_in_place", "mesh_new_topology", "texture", "finish", "idle")
@@ -136,31 +148,60 @@ class Session:
 
         With `source` and its `surface` (`scene_objects.local_mesh`), a texture job: the object streams
         at the source's transform and becomes its textured copy; the source is hidden meanwhile."""
-        if self.busy:
-            raise RuntimeError("a job is already running")
-        self.error = None
-        connection = self._connection()
+        connection = self._idle_connection()
         if connection is None:
             return None
         job_id = uuid.uuid4().hex[:16]
         obj = scene_objects.create_preview_object(context.scene, f"CFD preview {job_id[:6]}", location, size)
         self.job = ActiveJob(job_id, job, context.scene.name, obj.name, tuple(location), float(size))
         self.progress = Progress(total=int(job.get("steps", 0)), stage="Starting")
-        vertices, faces = init_mesh if init_mesh is not None else (None, None)
-        try:
-            if source is not None:
-                scene_objects.place_like(obj, source)
-                self.job.source, self.job.kept = source.name, surface[:2]
-                connection.texture_mesh(job_id, job, *surface)
+        if source is not None:
+            scene_objects.place_like(obj, source)
+            self.job.source, self.job.kept = source.name, surface[:2]
+            started = self._sent(lambda: connection.texture_mesh(job_id, job, *surface))
+            if started is not None:
                 source.hide_set(True)
-            else:
-                connection.generate(job_id, job, vertices, faces)
+            return started
+        vertices, faces = init_mesh if init_mesh is not None else (None, None)
+        return self._sent(lambda: connection.generate(job_id, job, vertices, faces))
+
+    def start_batch(
+        self,
+        context: bpy.types.Context,
+        job: dict,
+        seeds: list[int],
+        prompts: list[str] | None,
+        place: Callable[[bpy.types.Context], tuple[float, float, float]],
+        size: float = DEFAULT_SIZE,
+    ) -> str | None:
+        """Send a batch (every prompt, default the job's, with every seed) for the server to run on Ray;
+        each variant lands where `place` says when it arrives. None (and `error` set) if it cannot start."""
+        connection = self._idle_connection()
+        if connection is None:
+            return None
+        batch_id = uuid.uuid4().hex[:16]
+        start = place(context)
+        self.job = ActiveJob(batch_id, job, context.scene.name, "", start, float(size), place=place)
+        self.progress = Progress(total=len(seeds) * len(prompts or [job["prompt"]]), stage="Variants")
+        return self._sent(lambda: connection.batch(batch_id, job, seeds, prompts))
+
+    def _idle_connection(self) -> client.Connection | None:
+        """The connection a new job goes on (None, `error` set, if there is none)."""
+        if self.busy:
+            raise RuntimeError("a job is already running")
+        self.error = None
+        return self._connection()
+
+    def _sent(self, send: Callable[[], None]) -> str | None:
+        """Send the frame that starts `self.job`; its id, or None when the server is gone."""
+        try:
+            send()
         except client.ConnectionClosed as closed:
             self._server_gone(str(closed))
             return None
         self.phase = Phase.STARTING
         ensure_timer()
-        return job_id
+        return self.job.job_id
 
     def _connection(self) -> client.Connection | None:
         if self.connection is not None and self.connection.alive:
@@ -277,6 +318,7 @@ class Session:
         if connection is None:
             return None
         latest_mesh = latest_texture = None
+        delivered = False  # a batch's variant came in
         for message in connection.poll():
             kind = message.type
             if kind == protocol.HELLO:
@@ -289,7 +331,7 @@ class Session:
                 self._drop_connection()
                 return None
             job = self.job
-            if job is None or message.get("job_id") != job.job_id:
+            if job is None or job.job_id not in (message.get("job_id"), message.get("batch_id")):
                 continue  # a frame of a job we already let go of
             if kind in (protocol.ACCEPTED, protocol.PROGRESS) and self.phase is Phase.STARTING:
                 self.phase = Phase.RUNNING
@@ -306,6 +348,13 @@ class Session:
                 latest_mesh = message
             elif kind == protocol.TEXTURE:
                 latest_texture = message
+            elif kind == protocol.DONE and job.is_batch:
+                if job.cancel_sent_at is None:
+                    self._finish_batch_variant(message)
+                    delivered = True
+            elif kind == protocol.BATCH_DONE:
+                self._end_batch(message)
+                return "finish"
             elif kind == protocol.DONE:
                 finished = job.cancel_sent_at is None
                 if finished:
@@ -314,6 +363,17 @@ class Session:
                 return "finish" if finished else None
             elif kind == protocol.CANCELLED:
                 self._end_job()
+                return None
+            elif kind == protocol.ERROR and message.get("code") == protocol.UNKNOWN_TYPE and job.is_batch:
+                self._fail(
+                    JobError(
+                        "batch_unsupported",
+                        "This server cannot run batches of variants (it is older than Variants)",
+                        "Update the server to the extension's version, with the Ray extra "
+                        "(pip install -r requirements-ray.txt); Generate and Re-roll still work",
+                        detail=message.get("message", ""),
+                    )
+                )
                 return None
             elif kind == protocol.ERROR and message.get("code") == protocol.UNKNOWN_TYPE and self.finishing:
                 job.finish_sent_at = None  # an older server: the job itself runs on to its end
@@ -337,6 +397,8 @@ class Session:
                 self._drop_connection()  # it did not stop: kill it, the next job starts a fresh one
                 self._end_job()
             return None
+        if job.is_batch:
+            return "finish" if delivered else "idle"
         obj = self._preview_object()
         if obj is None:  # the user deleted it (or undid past it): nothing left to stream into
             self.cancel(remove_object=False)
@@ -424,6 +486,43 @@ class Session:
         scene_objects.select_only(bpy.context, obj)
         self.last_variant = obj.name
         undo_push(f"CFD: {obj.name}")
+
+    def _finish_batch_variant(self, message: protocol.Message) -> None:
+        """A batch's variant arrived: a new object in the "CFD Variants" collection, beside the others."""
+        job = self.job
+        scene = bpy.data.scenes.get(job.scene)
+        if scene is None:
+            return
+        try:
+            asset = glb.read_glb(self._glb_bytes(message))
+        except (OSError, glb.GlbError) as error:  # the others still come: the batch goes on
+            self.error = JobError(
+                "bad_asset", f"Cannot read a finished variant: {error}", _output_fix(message)
+            )
+            return
+        variant_job = {**job.job, "prompt": message.get("prompt"), "seed": message.get("seed")}
+        location = job.place(bpy.context)
+        obj = scene_objects.create_preview_object(scene, "CFD variant", location, job.size)
+        name = scene_objects.variant_name(variant_job["prompt"], variant_job["seed"])
+        out_dir = str(message.get("out_dir", ""))
+        properties = {**jobs.variant_properties(variant_job, out_dir), "cfd_size": job.size}
+        scene_objects.finish_variant(obj, asset, name, properties, location, job.size)
+        scene_objects.select_only(bpy.context, obj)
+        self.last_variant = obj.name
+        undo_push(f"CFD: {obj.name}")
+
+    def _end_batch(self, message: protocol.Message) -> None:
+        """The batch's last frame: done, or an error naming the variants that failed (the rest are in)."""
+        failed = message.get("failed") or []
+        self._end_job()
+        if failed:
+            first = failed[0]
+            self.error = JobError(
+                "batch_failed",
+                f"{len(failed)} variant{'s' if len(failed) != 1 else ''} failed; the others are in the scene",
+                "Change that setting or prompt and send the batch again",
+                detail=f"{first.get('prompt')!r} seed {first.get('seed')}: {first.get('error')}",
+            )
 
     @staticmethod
     def _glb_bytes(message: protocol.Message) -> bytes:

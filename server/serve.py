@@ -7,7 +7,9 @@ requires a token in the client's hello. Each connection has its own thread: its 
 under its own deadline and size limits, so a silent or hostile stranger delays nobody and is
 buffered nothing. Jobs of all connections queue for the device in arrival order; one runs at a
 time in a worker thread, and each connection receives only its own jobs' frames. The reader loops
-stay responsive for ping, cancel and finish.
+stay responsive for ping, cancel and finish. A `batch` (many variants of one job) is one entry of the
+queue: its thread runs it on Ray (`--ray`, the optional extra, imported only then) and streams each
+variant as it finishes.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from server import __version__
-from server.job.errors import Cancelled, JobSpecError, MissingWeightsError, NonFiniteError
+from server.batch.jobs import BatchJob, batch_jobs
+from server.job.errors import Cancelled, JobSpecError, MissingExtraError, MissingWeightsError, NonFiniteError
 from server.job.events import JobEvents
 from server.job.fixed_mesh import FixedMesh
 from server.job.spec import JobSpec
@@ -63,6 +66,7 @@ JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # also names the job's 
 OOM_FIX = "lower the render size or batch size, use precision fp16, or run on the CPU (device cpu)"
 NAN_FIX = "lower the guidance scale, use precision fp32, or try another seed"
 RESYNC_FIX = "the byte stream is out of sync; reconnect (the extension restarts the server)"
+MAX_BATCH_VARIANTS = 1024  # prompts x seeds in one `batch` message
 
 
 def default_runner(spec: JobSpec, init_mesh, emit: JobEvents, should_cancel: Callable[[], bool]) -> dict:
@@ -120,6 +124,8 @@ def classify_exception(exc: BaseException) -> tuple[str, str, str]:
         return protocol.BAD_SETTINGS, str(exc), getattr(exc, "fix", f"change the {exc.field} setting")
     if isinstance(exc, MissingWeightsError):
         return protocol.MISSING_WEIGHTS, str(exc), exc.fix
+    if isinstance(exc, MissingExtraError):
+        return protocol.MISSING_EXTRA, str(exc), exc.fix
     torch_oom = _loaded_class("torch.cuda", "OutOfMemoryError")
     is_oom = isinstance(exc, MemoryError) or (torch_oom is not None and isinstance(exc, torch_oom))
     if is_oom or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
@@ -174,6 +180,7 @@ class _Job:
     finish: threading.Event = dataclasses.field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     announced: threading.Event = dataclasses.field(default_factory=threading.Event)  # `accepted` was sent
+    batch: list[BatchJob] | None = None  # a `batch` message's variants, run on Ray instead of `spec`
 
     def should_cancel(self) -> bool:
         return self.cancel.is_set() or self.writer.broken
@@ -231,8 +238,10 @@ class Server:
         describe: Describe | None = None,
         output_root: Path | str = "outputs",
         token: str | None = None,
+        ray_address: str = "auto",
     ):
         self.runner = runner or default_runner
+        self.ray_address = ray_address  # where a batch runs (Ray is joined on the first batch)
         self.describe = describe or describe_environment
         self.output_root = Path(output_root).resolve()
         self.token = token
@@ -375,6 +384,8 @@ class Server:
             self._cancel(message.get("job_id"), writer)
         elif message.type == protocol.FINISH:
             self._finish(message.get("job_id"), writer)
+        elif message.type == protocol.BATCH:
+            self._batch(message, writer)
         else:
             writer.send(
                 protocol.error(
@@ -386,29 +397,64 @@ class Server:
                 )
             )
 
-    def _generate(self, message: protocol.Message, writer: FrameWriter) -> None:
+    @staticmethod
+    def _job_id(message: protocol.Message, writer: FrameWriter) -> str | None:
+        """The message's job id, or None after telling the client why it cannot name a job."""
         job_id = message.get("job_id")
-        if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
-            writer.send(
-                protocol.error(
-                    job_id if isinstance(job_id, str) else None,
-                    protocol.BAD_SETTINGS,
-                    f"job_id: must be 1 to 64 letters, digits, '_', '.' or '-', got {job_id!r}",
-                    "send a job id such as a UUID's hex string",
-                )
+        if isinstance(job_id, str) and JOB_ID.fullmatch(job_id):
+            return job_id
+        writer.send(
+            protocol.error(
+                job_id if isinstance(job_id, str) else None,
+                protocol.BAD_SETTINGS,
+                f"job_id: must be 1 to 64 letters, digits, '_', '.' or '-', got {job_id!r}",
+                "send a job id such as a UUID's hex string",
             )
+        )
+        return None
+
+    def _generate(self, message: protocol.Message, writer: FrameWriter) -> None:
+        job_id = self._job_id(message, writer)
+        if job_id is None:
             return
         try:
             spec = JobSpec.from_dict(_job_of(message))
             init_mesh = _init_mesh(spec, message.arrays)
         except JobSpecError as error:
-            log.info("job %s refused: %s", job_id, error)
-            fix = getattr(error, "fix", f"change the {error.field} setting")
-            writer.send(protocol.error(job_id, protocol.BAD_SETTINGS, str(error), fix))
+            self._refuse(job_id, error, writer)
             return
+        self._enqueue(_Job(job_id, self._with_output(spec, job_id), init_mesh, writer))
+
+    def _refuse(self, job_id: str, error: JobSpecError, writer: FrameWriter) -> None:
+        log.info("job %s refused: %s", job_id, error)
+        fix = getattr(error, "fix", f"change the {error.field} setting")
+        writer.send(protocol.error(job_id, protocol.BAD_SETTINGS, str(error), fix))
+
+    def _with_output(self, spec: JobSpec, job_id: str) -> JobSpec:
+        """Without an output folder of its own, a job writes into the server's ROOT/JOB_ID."""
         if spec.output_dir is None:
-            spec = dataclasses.replace(spec, output_dir=str(self.output_root / job_id))
-        job = _Job(job_id, spec, init_mesh, writer)
+            return dataclasses.replace(spec, output_dir=str(self.output_root / job_id))
+        return spec
+
+    def _batch(self, message: protocol.Message, writer: FrameWriter) -> None:
+        """A batch of variants: checked here like a job's settings, then queued as one job."""
+        batch_id = self._job_id(message, writer)
+        if batch_id is None:
+            return
+        try:
+            job, seeds, prompts = _batch_fields(message)
+            settings = {k: v for k, v in job.items() if k not in ("prompt", "seed")}
+            spec = JobSpec.from_dict({**settings, "prompt": prompts[0], "seed": seeds[0]})
+        except JobSpecError as error:
+            self._refuse(batch_id, error, writer)
+            return
+        spec = self._with_output(spec, batch_id)
+        variants = batch_jobs(prompts, seeds, {**settings, "output_dir": spec.output_dir})
+        self._enqueue(_Job(batch_id, spec, None, writer, batch=variants))
+
+    def _enqueue(self, job: _Job) -> None:
+        """Queue a checked job (or batch) behind the others, unless its connection already has one."""
+        job_id, spec, writer = job.job_id, job.spec, job.writer
         with self._lock:
             active = [self._job, *self._queue] if self._job is not None else list(self._queue)
             own = next((other for other in active if other.writer is writer), None)
@@ -440,7 +486,8 @@ class Server:
             )
             return
         log.info(
-            "job %s accepted: %d steps of %s, prior %r, %d ahead of it",
+            "%s %s accepted: %d steps of %s, prior %r, %d ahead of it",
+            "job" if job.batch is None else f"batch of {len(job.batch)} variants,",
             job_id,
             spec.steps,
             spec.method,
@@ -503,16 +550,9 @@ class Server:
     def _run(self, job: _Job) -> None:
         """The worker thread: run the job, turn its outcome into exactly one final frame, start the next."""
         job.announced.wait()
-        events = JobEvents(
-            job.job_id, job.writer.send, job.spec.preview_max_fps, should_finish=job.finish.is_set
-        )
         started = time.monotonic()
         try:
-            result = self.runner(job.spec, job.init_mesh, events, job.should_cancel)
-            payload = result.to_dict() if hasattr(result, "to_dict") else result  # a dict, or a result object
-            glb = Path(payload["glb"]) if payload.get("glb") else None
-            glb_bytes = glb.read_bytes() if glb is not None and glb.is_file() else None
-            final = protocol.done(job.job_id, glb_bytes=glb_bytes, **payload)
+            final = self._run_job(job) if job.batch is None else self._run_batch(job)
             log.info("job %s done in %.1f s", job.job_id, time.monotonic() - started)
         except Cancelled as cancelled:
             final = protocol.cancelled(job.job_id, cancelled.step)
@@ -528,6 +568,67 @@ class Server:
         job.writer.send(final)
         self._tell_positions(waiting)
 
+    def _run_job(self, job: _Job) -> bytes:
+        """One job through the runner; its `done` frame with the GLB bytes."""
+        events = JobEvents(
+            job.job_id, job.writer.send, job.spec.preview_max_fps, should_finish=job.finish.is_set
+        )
+        result = self.runner(job.spec, job.init_mesh, events, job.should_cancel)
+        payload = result.to_dict() if hasattr(result, "to_dict") else result  # a dict, or a result object
+        glb = Path(payload["glb"]) if payload.get("glb") else None
+        glb_bytes = glb.read_bytes() if glb is not None and glb.is_file() else None
+        return protocol.done(job.job_id, glb_bytes=glb_bytes, **payload)
+
+    def _run_batch(self, job: _Job) -> bytes:
+        """A batch on Ray (imported only now): each variant streamed as it finishes; `batch_done` last,
+        or `cancelled` (step: the variants delivered) when the client cancelled it."""
+        from server.batch.streamed import run_streamed
+
+        result = run_streamed(
+            job.job_id,
+            job.batch,
+            Path(job.spec.output_dir),
+            job.writer.send,
+            self.ray_address,
+            job.should_cancel,
+            job.finish.is_set,
+        )
+        if job.should_cancel():
+            raise Cancelled(len(result["assets"]))
+        return protocol.batch_done(
+            job.job_id,
+            len(result["assets"]),
+            result["failed"],
+            result["retried"],
+            result["cancelled"],
+            result["seconds"],
+        )
+
+
+def _batch_fields(message: protocol.Message) -> tuple[dict, list[int], list[str]]:
+    """A `batch` message's job dict, seeds and prompts (default: the job's prompt), or JobSpecError."""
+    job, seeds, prompts = message.get("job"), message.get("seeds"), message.get("prompts")
+    if not isinstance(job, dict):
+        raise JobSpecError("job", f"must be an object of job settings, got {type(job).__name__}")
+    if job.get("kind", "generate") != "generate":
+        raise JobSpecError("kind", "a batch generates variants; texture a mesh with texture_mesh, one job each")
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
+        raise JobSpecError("seeds", f"must be a non-empty list of non-negative integers, got {seeds!r}")
+    if prompts is None:
+        prompts = [job.get("prompt")]
+    elif not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise JobSpecError("prompts", f"must be a non-empty list of strings, got {prompts!r}")
+    if len(prompts) * len(seeds) > MAX_BATCH_VARIANTS:
+        raise JobSpecError(
+            "seeds",
+            f"{len(prompts)} prompts x {len(seeds)} seeds make more than {MAX_BATCH_VARIANTS} variants",
+        )
+    return job, list(seeds), prompts
+
 
 def _stream_writer(stream: BinaryIO) -> FrameWriter:
     return FrameWriter(lambda frame: protocol.write_all(stream, frame))
@@ -540,9 +641,10 @@ def serve(
     runner: Runner | None = None,
     describe: Describe | None = None,
     output_root: Path | str = "outputs",
+    ray_address: str = "auto",
 ) -> int:
     """Serve one client over a pair of byte streams until it leaves; the process exit code."""
-    server = Server(runner, describe, output_root)
+    server = Server(runner, describe, output_root, ray_address=ray_address)
     why = server.serve_connection(protocol.FrameReader(stdin), _stream_writer(stdout))
     return 1 if why == "malformed" else 0
 
@@ -708,6 +810,7 @@ def serve_tcp(
     describe: Describe | None = None,
     output_root: Path | str = "outputs",
     announce: Callable[[dict], None] | None = None,
+    ray_address: str = "auto",
 ) -> int:
     """Serve TCP clients, each on its own thread, until one sends shutdown; the process exit code.
 
@@ -725,7 +828,7 @@ def serve_tcp(
         )
         return 2
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    server = Server(runner, describe, output_root, token)
+    server = Server(runner, describe, output_root, token, ray_address)
     doorkeeper = Doorkeeper()
     stop = threading.Event()
     with socket.create_server((host, port), family=family) as listener:
@@ -809,6 +912,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--describe", metavar="MODULE:FUNCTION", help="hello fields function instead of the torch probe"
     )
+    parser.add_argument(
+        "--ray",
+        default="auto",
+        metavar="ADDRESS",
+        help='where `batch` messages run: "auto" (Ray on this machine, started on the first batch) or a '
+        "cluster address such as ray://head:10001; needs the Ray extra (requirements-ray.txt)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -820,6 +930,7 @@ def main(args: argparse.Namespace) -> int:
         "runner": _load_function(args.runner) if args.runner else None,
         "describe": _load_function(args.describe) if args.describe else None,
         "output_root": args.output_root,
+        "ray_address": args.ray,
     }
     if args.listen is None:
         frames_out = _claim_stdout()

@@ -557,18 +557,28 @@ def prior_defaults(zip_path: str, out: Path) -> dict:
     return {"default_job": default_job, "override_job": override_job, "estimates": estimates}
 
 
-def remote(zip_path: str, out: Path) -> dict:
-    """A server started elsewhere (`serve --listen`, loopback TCP): the token is checked, jobs work."""
-    _, prefs = install(zip_path, out)
-    ctl = sys.modules[f"{MODULE}.blender_cfd.session"].get()
-    command = [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--token", "s3cret"]
-    command += [*SERVER_ARGS.split(), "--output-root", str(out / "remote_assets")]
+@contextlib.contextmanager
+def tcp_server(args: list[str]):
+    """`serve --listen` on a free loopback port with the token "s3cret"; yields its address."""
+    command = [sys.executable, "-m", "server", "serve", "--listen", "127.0.0.1:0", "--token", "s3cret", *args]
     server = subprocess.Popen(
         command, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True
     )
     try:
         address = next(json.loads(line)["listening"] for line in server.stderr if '"listening"' in line)
         threading.Thread(target=server.stderr.read, daemon=True).start()  # keep its log from blocking it
+        yield address
+        assert server.poll() is None, "leaving must not stop a server that others may use"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def remote(zip_path: str, out: Path) -> dict:
+    """A server started elsewhere (`serve --listen`, loopback TCP): the token is checked, jobs work."""
+    _, prefs = install(zip_path, out)
+    ctl = sys.modules[f"{MODULE}.blender_cfd.session"].get()
+    with tcp_server([*SERVER_ARGS.split(), "--output-root", str(out / "remote_assets")]) as address:
         prefs.remote_address, prefs.remote_token = address, "wrong"
         set_panel("a remote teapot", 9)
         assert "token" in reported_error(bpy.ops.cfd.generate, wait=True)
@@ -581,10 +591,6 @@ def remote(zip_path: str, out: Path) -> dict:
             and ctl.server_info["device_name"] == "blender-cfd fake runner"
         )
         ctl.shutdown()
-        assert server.poll() is None, "leaving must not stop a server that others may use"
-    finally:
-        server.kill()
-        server.wait()
     return {"address": address}
 
 
@@ -724,6 +730,85 @@ def shapes_prior(zip_path: str, out: Path) -> dict:
     assert np.array_equal(vertices_of(first), vertices_of(again)), "same seed and settings, same mesh"
     assert "torch" not in sys.modules, "Blender's process must never import torch"
     return {"variants": names, "preview_delay_ms": [1e3 * d for d in previews]}
+
+
+def batch_variants(zip_path: str, out: Path) -> dict:
+    """Variants: N new seeds of the selected variant as one batch, run by the real server on the test's
+    Ray instance (CFD_TEST_RAY); each variant is imported as it arrives, beside the others, with the
+    progress bar counting variants; a prompt list makes each listed prompt, on a server reached over TCP;
+    an older server says why not."""
+    ctl_module, prefs = install(zip_path, out)
+    os.environ["BLENDER_CFD_SERVER_ARGS"] = f"--ray {os.environ['CFD_TEST_RAY']}"
+    ctl = ctl_module.get()
+    settings = bpy.context.scene.cfd
+    assert ctl.start(bpy.context, quick_shapes_job(out, guidance_scale=10.0), (0.0, 0.0, 0.0)) is not None
+    pump_until(ctl, lambda: not ctl.busy, timeout=300, what="the reference variant")
+    reference = bpy.data.objects[ctl.last_variant]
+    assert ctl.error is None and reference.name == "a red cube (seed 3)", ctl.error
+
+    settings.variants = 3  # on two workers: the third arrives after the first two are in the scene
+    assert bpy.ops.cfd.variants() == {"FINISHED"} and ctl.job.is_batch
+    panel = draw_panels()
+    assert shown(panel, "prop", name="variants") and shown(panel, "operator", idname="cfd.variants")
+    assert "Variants 0/3 done" in shown(panel, "progress")[0]["text"]
+    collection = bpy.data.collections["CFD Variants"]
+    arrivals, started = {}, time.monotonic()  # variants in the scene -> when, and the progress then
+    while ctl.busy:
+        assert time.monotonic() - started < 300, f"the batch did not end; error: {ctl.error}"
+        ctl.pump()
+        in_scene = len(collection.objects) - 1
+        if in_scene and in_scene not in arrivals:
+            arrivals[in_scene] = (round(time.monotonic() - started, 1), ctl.progress.step, ctl.busy)
+        time.sleep(0.05)
+    assert ctl.error is None, ctl.error
+    assert any(busy for _, _, busy in arrivals.values()), (
+        f"a variant was in before the batch ended: {arrivals}"
+    )
+    assert all(step >= count for count, (_, step, _) in arrivals.items()), arrivals
+    batch = [obj for obj in collection.objects if obj is not reference]
+    seeds = sorted(obj["cfd_seed"] for obj in batch)
+    assert len(batch) == 3 and len(set(seeds)) == 3 and 3 not in seeds, seeds
+    for obj in batch:
+        assert obj.name == f"a red cube (seed {obj['cfd_seed']})" and len(obj.data.polygons) > 0
+        assert obj.active_material is not None and not overlapping(obj), overlapping(obj)
+        assert obj.location.x > reference.location.x, "placed beside the variant it varies"
+        assert (Path(obj["cfd_output"]) / "preview.png").is_file()
+    xs = sorted(obj.location.x for obj in batch)
+    assert xs[0] < xs[1] < xs[2], xs
+    render_variants([reference, *batch], out / "batch_variants.png")
+
+    # A prompt list (each listed prompt with each of Variants seeds, here one), sent to a server reached
+    # over TCP with its token, as a cluster's head node is: the variants' GLBs come in their frames.
+    ctl.shutdown()
+    with tcp_server(
+        ["--ray", os.environ["CFD_TEST_RAY"], "--output-root", str(out / "head_node")]
+    ) as address:
+        prefs.remote_address, prefs.remote_token = address, "s3cret"
+        text = bpy.data.texts.new("level")
+        text.write("a blue sphere\n# not a prompt\n\na green cone\n")
+        settings.prompt_list, settings.variants = text, 1
+        assert bpy.ops.cfd.variants(wait=True) == {"FINISHED"}, ctl.error
+        ctl.shutdown()
+    prefs.remote_address = ""
+    listed = [obj for obj in collection.objects if obj is not reference and obj not in batch]
+    assert sorted(obj["cfd_prompt"] for obj in listed) == ["a blue sphere", "a green cone"], listed
+    assert all(len(obj.data.polygons) > 0 and not overlapping(obj) for obj in listed)
+    assert "torch" not in sys.modules and "ray" not in sys.modules, "Blender never imports torch or Ray"
+
+    # A server older than batches answers unknown_type: a clear message, and nothing is left running.
+    os.environ["BLENDER_CFD_SERVER_ARGS"] = SERVER_ARGS.replace("blender_fake_runner", "blender_old_server")
+    assert bpy.ops.cfd.variants() == {"FINISHED"}
+    pump_until(ctl, lambda: not ctl.busy, what="the old server's answer")
+    assert ctl.error.code == "batch_unsupported", ctl.error
+    assert "older than Variants" in labels(draw_panels())
+    render = str(out / "batch_variants.png")
+    return {
+        "arrivals": arrivals,
+        "batch_x": xs,
+        "seeds": seeds,
+        "old_server": ctl.error.message,
+        "render": render,
+    }
 
 
 def world_vertices(obj) -> np.ndarray:
@@ -1083,6 +1168,7 @@ SCENARIOS = {
         keep_assets,
         prior_defaults,
         texture_selected,
+        batch_variants,
     )
 }
 

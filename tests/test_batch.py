@@ -177,3 +177,93 @@ def test_the_batch_bench_puts_one_and_two_workers_beside_the_single_job_path(ray
     # a difference of two timings: a few hundredths either side of zero is the machine's noise
     assert abs(record["overhead_per_job_s"]) < one["job_s_mean"]
     assert [len(asset_folders(tmp_path / name)) for name in ("single", "ray1", "ray2")] == [2, 2, 2]
+
+
+def frames_until_the_end(server) -> list:
+    """The frames of the batch in flight, up to its final one (batch_done, cancelled or error)."""
+    frames = []
+    while not frames or frames[-1].type not in ("batch_done", "error", "cancelled"):
+        message = server.get(timeout=300)
+        assert message is not None, "the server went quiet"
+        frames.append(message)
+    return frames
+
+
+def test_a_server_batch_streams_each_variant_with_its_glb_and_a_bad_one_fails_alone(ray_address, tmp_path):
+    """The `batch` message on a real `serve` process joined to the session's Ray: each variant arrives as
+    its own `done` with the GLB bytes the batch wrote, progress counts variants, a bad prompt fails alone;
+    a cancelled batch stops within seconds."""
+    from server.wire.client import ServerProcess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    server = ServerProcess(
+        sys.executable, ["--ray", ray_address, "--output-root", str(tmp_path)], cwd=REPO, env=env
+    )
+    try:
+        server.hello()
+        job = {**QUICK, "prompt": "a red cube", "prior": "shapes", "device": "cpu"}
+        server.batch("b1", job, [0, 1], prompts=["a red cube", "x" * 600])
+        frames = frames_until_the_end(server)
+        # Cancel stops a batch promptly: its workers are killed, and the batch ends with `cancelled`.
+        server.batch("b2", {**job, "steps": 400}, [5, 6, 7])
+        assert server.wait_for("accepted", 30).get("job_id") == "b2"
+        time.sleep(3.0)
+        server.cancel("b2")
+        cancelled_at = time.monotonic()
+        ending = frames_until_the_end(server)[-1]
+        stopped_s = time.monotonic() - cancelled_at
+        assert ending.type == "cancelled" and ending.get("job_id") == "b2", ending.header
+        assert stopped_s < 10.0, stopped_s
+        assert server.ping() < 1.0, "the server takes the next request"
+    finally:
+        server.shutdown()
+        server.close()
+    assert frames[0].type == "accepted" and frames[0].get("job_id") == "b1"
+    final = frames[-1]
+    assert final.type == "batch_done", final.header
+    assert final.get("assets") == 2 and not final.get("retried") and not final.get("cancelled")
+    assert final.get("failed") == [
+        {"prompt": "x" * 600, "seed": s, "error": "prompt: must be at most 500 characters, got 600"}
+        for s in (0, 1)
+    ]
+    done = [m for m in frames if m.type == "done"]
+    assert sorted((m.get("seed"), m.get("prompt"), m.get("batch_id")) for m in done) == [
+        (0, "a red cube", "b1"),
+        (1, "a red cube", "b1"),
+    ]
+    assert len({m.get("job_id") for m in done}) == 2
+    for message in done:
+        glb = message.blobs["glb"][0]
+        assert glb == Path(message.get("glb")).read_bytes(), "the bytes the batch wrote"
+        assert Path(message.get("glb")).is_relative_to(tmp_path / "b1")
+        assert len(trimesh.load(trimesh.util.wrap_as_stream(glb), file_type="glb", force="mesh").faces) > 0
+    counts = [(m.get("step"), m.get("total")) for m in frames if m.type == "progress"]
+    assert counts[0] == (0, 4) and counts[-1] == (4, 4) and counts == sorted(counts)
+
+
+class FinishOnFirstStart(BatchListener):
+    """Asks the batch to finish as soon as its first job is sent (a client's Finish now)."""
+
+    def __init__(self):
+        self.sent: list[int] = []
+
+    def started(self, job: BatchJob, worker_pid: int) -> None:
+        self.sent.append(job.seed)
+
+
+def test_finishing_a_batch_sends_no_new_job_and_delivers_the_running_one(ray_address, tmp_path: Path):
+    listener = FinishOnFirstStart()
+    jobs = batch_jobs(["a red cube"], [0, 1, 2], QUICK)
+    result = run_batch(
+        jobs,
+        tmp_path,
+        workers=2,
+        resources=CPU_WORKER,
+        listener=listener,
+        finishing=lambda: bool(listener.sent),
+    ).to_dict()
+    assert listener.sent == [0], "nothing was sent after Finish now"
+    assert [a["seed"] for a in result["assets"]] == [0] and not result["failed"]
+    assert [c["seed"] for c in result["cancelled"]] == [1, 2]
+    assert len(trimesh.load(result["assets"][0]["glb"], force="mesh").faces) > 0
+    assert len(asset_folders(tmp_path)) == 1

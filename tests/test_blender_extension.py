@@ -465,6 +465,16 @@ def test_a_real_job_on_the_shapes_prior_becomes_a_textured_variant(extension_zip
 
 
 @needs_bpy
+def test_variants_run_as_a_ray_batch_and_arrive_beside_each_other(
+    extension_zip, tmp_path, ray_address, monkeypatch
+):
+    monkeypatch.setenv("CFD_TEST_RAY", ray_address)  # the server joins the session's Ray instance
+    result = run_scenario("batch_variants", extension_zip, tmp_path, timeout=600)
+    print(json.dumps(result, indent=2))
+    assert len(result["batch_x"]) == 3 and "older than Variants" in result["old_server"]
+
+
+@needs_bpy
 def test_results_stand_at_real_size_on_the_surface_undo_finish_now(extension_zip, tmp_path):
     result = run_scenario("placement", extension_zip, tmp_path)
     print(json.dumps(result, indent=2))

@@ -112,6 +112,23 @@ ROUND_TRIPS = [
     ),
     (protocol.cancelled("j1", 42), "cancelled", {"job_id": "j1", "step": 42}),
     (
+        protocol.batch("b1", {"prompt": "a chair", "steps": 50}, [0, 3], ["a chair", "a lamp"]),
+        "batch",
+        {
+            "job_id": "b1",
+            "job": {"prompt": "a chair", "steps": 50},
+            "seeds": [0, 3],
+            "prompts": ["a chair", "a lamp"],
+        },
+    ),
+    (
+        protocol.batch_done(
+            "b1", 1, [{"prompt": "a", "seed": 1, "error": "e"}], [], [{"prompt": "a", "seed": 2}], 9.5
+        ),
+        "batch_done",
+        {"job_id": "b1", "assets": 1, "failed": [{"prompt": "a", "seed": 1, "error": "e"}], "seconds": 9.5},
+    ),
+    (
         protocol.error(None, protocol.BUSY, "job j0 runs", "wait"),
         "error",
         {"job_id": None, "code": "busy", "message": "job j0 runs", "fix": "wait"},

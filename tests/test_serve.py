@@ -156,6 +156,35 @@ def test_unknown_types_are_refused_and_the_server_stays_usable(make_server) -> N
     assert connection.ping() < 1.0
 
 
+def test_a_batch_without_ray_names_the_extra_and_bad_batches_name_their_field(
+    make_server, monkeypatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails, as in a server without the extra
+    connection = make_server().connection
+    connection.hello()
+    for frame, field in (
+        (protocol.batch("b0", job(), []), "seeds"),
+        (protocol.batch("b1", job(), [0, -1]), "seeds"),
+        (
+            protocol.encode_frame(
+                {"type": "batch", "job_id": "b2", "job": job(), "seeds": [0], "prompts": "a"}
+            ),
+            "prompts",
+        ),
+        (protocol.batch("b3", job(steps=0), [0]), "steps"),
+        (protocol.batch("b4", job(), list(range(600)), prompts=["a", "b"]), "seeds"),
+    ):
+        connection.send(frame)
+        refused = connection.wait_for(("accepted", "error"), 5)
+        assert refused.get("code") == protocol.BAD_SETTINGS and refused.get("message").startswith(f"{field}:")
+    connection.send(protocol.batch("b5", job(), [0, 1]))
+    assert connection.wait_for(("accepted", "error"), 5).type == "accepted"
+    refused = connection.wait_for(("batch_done", "error"), 10)
+    assert refused.get("code") == protocol.MISSING_EXTRA and "Ray is not installed" in refused.get("message")
+    assert "pip install -r requirements-ray.txt" in refused.get("fix")
+    assert connection.ping() < 1.0, "the server stays usable"
+
+
 def test_bad_job_ids_and_init_meshes_are_bad_settings(make_server) -> None:
     connection = make_server().connection
     connection.hello()

@@ -3,8 +3,9 @@ to an idle one, each reply written into `out` atomically (`server.pipeline.asset
 
 Faults lose nothing: a job whose worker process or node died is sent again to a fresh worker (at most
 `retries` times); a finished job is written once, by this process, the moment its reply arrives; a
-job that fails (bad settings, a vanished shape) fails alone with its error. Ctrl-C kills the workers
-at once and keeps what had finished.
+job that fails (bad settings, a vanished shape) fails alone with its error. Ctrl-C (or `cancelled`,
+a server's client cancelling) kills the workers at once and keeps what had finished; `finishing`
+sends no new job and waits for the running ones.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,11 @@ from server.batch.worker import VariantWorker
 from server.pipeline.asset import staged_folder
 
 WORKER_LOST = (RayActorError, WorkerCrashedError, ObjectLostError)
+POLL_SECONDS = 0.25  # how often a waiting batch looks at `cancelled`
+
+
+class BatchCancelled(Exception):
+    """The batch's client cancelled it: handled as Ctrl-C is."""
 
 
 class BatchListener:
@@ -138,8 +145,11 @@ def run_batch(
     threads: int = 1,
     retries: int = 2,
     listener: BatchListener | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+    finishing: Callable[[], bool] = lambda: False,
 ) -> BatchResult:
-    """Run every valid job of `jobs` on `workers` Ray actors (Ray must be initialised) into `out`."""
+    """Run every valid job of `jobs` on `workers` Ray actors (Ray must be initialised) into `out`.
+    Once `finishing()` is true no job is sent; the ones not sent are listed as cancelled."""
     start = time.perf_counter()
     listener = listener or BatchListener()
     out = Path(out).expanduser()
@@ -170,15 +180,20 @@ def run_batch(
     pool = WorkerPool(resources, threads)
     pool.start(min(workers, len(pending)))
     try:
-        while pending or pool.running:
-            while pending and pool.idle:
+        while (pending and not finishing()) or pool.running:
+            while pending and pool.idle and not finishing():
                 job = pending.popleft()
                 listener.started(job, pool.send(job).pid)
             if not pool.waiting_on():  # every worker failed to start, more times than retries
                 while pending:
                     fail(pending.popleft(), f"no worker could start: {start_error}")
                 break
-            ready = ray.wait(pool.waiting_on(), num_returns=1)[0][0]
+            ready_refs = ray.wait(pool.waiting_on(), num_returns=1, timeout=POLL_SECONDS)[0]
+            if not ready_refs:
+                if cancelled():
+                    raise BatchCancelled
+                continue
+            ready = ready_refs[0]
             if ready in pool.starting:
                 start_error = pool.started(ready)
                 if start_error is not None and start_failures < retries:
@@ -209,7 +224,8 @@ def run_batch(
             arrived = (job, reply)
             keep(job, reply)
             arrived = None
-    except KeyboardInterrupt:
+        result.cancelled.extend({"index": job.index, **job.label()} for job in pending)  # finishing
+    except (KeyboardInterrupt, BatchCancelled):
         kept = {asset["index"] for asset in result.assets}
         if arrived is not None and arrived[0].index not in kept:  # its files were being written: keep it
             keep(*arrived)

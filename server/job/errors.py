@@ -41,3 +41,12 @@ class NonFiniteError(RuntimeError):
 class ShapeVanishedError(NonFiniteError):
     """The surface shrank to nothing, so no view sees it and no gradient can bring it back: as final as a
     NaN, and reported the same way (the protocol's `nan` error, whose fix names another seed)."""
+
+
+class MissingExtraError(RuntimeError):
+    """An optional part the job needs (Ray, for a batch) is not installed or not reachable; `fix` says
+    what to do. The server maps it to the protocol's `missing_extra` error."""
+
+    def __init__(self, message: str, fix: str):
+        self.fix = fix
+        super().__init__(message)

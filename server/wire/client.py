@@ -188,6 +188,10 @@ class Connection:
         A server too old for it answers an `unknown_type` error (`texture_unsupported` words it)."""
         self.send(protocol.texture_mesh(job_id, job, vertices, faces, uvs))
 
+    def batch(self, batch_id: str, job: dict, seeds: list[int], prompts: list[str] | None = None) -> None:
+        """Many variants of `job` on the server's Ray, each arriving as its own `done` (`protocol.batch`)."""
+        self.send(protocol.batch(batch_id, job, seeds, prompts))
+
     def cancel(self, job_id: str) -> None:
         self.send(protocol.cancel(job_id))
 

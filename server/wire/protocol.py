@@ -16,8 +16,9 @@ header fields extend version 1 instead: a receiver ignores header fields it does
 server answers a type it does not know with `unknown_type` (the client turns that into "update the
 server", so an older server keeps working for everything else). Extensions of v1 so far: `finish`
 (stop after the current step and deliver), `done`'s `stopped_at_step`, `texture_mesh` (texture the
-client's own mesh, kept exactly), `progress`'s `queue_position` (jobs ahead on a shared server), and
-the pre-hello size limits `HELLO_MAX_HEADER_BYTES` / `HELLO_MAX_PAYLOAD_BYTES`.
+client's own mesh, kept exactly), `progress`'s `queue_position` (jobs ahead on a shared server),
+`batch` / `batch_done` (many variants of one job, run on the server's Ray) with the error code
+`missing_extra`, and the pre-hello size limits `HELLO_MAX_HEADER_BYTES` / `HELLO_MAX_PAYLOAD_BYTES`.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ CANCEL = "cancel"
 FINISH = "finish"  # stop optimising now and deliver the asset as a normal end does
 SHUTDOWN = "shutdown"
 TEXTURE_MESH = "texture_mesh"  # texture the client's own mesh, keeping it exactly (a texture job)
-CLIENT_MESSAGES = frozenset({HELLO, PING, GENERATE, TEXTURE_MESH, CANCEL, FINISH, SHUTDOWN})
+BATCH = "batch"  # many variants (seeds x prompts) of one job, run on Ray
+CLIENT_MESSAGES = frozenset({HELLO, PING, GENERATE, TEXTURE_MESH, CANCEL, FINISH, SHUTDOWN, BATCH})
 
 # Message types, server -> client (plus HELLO).
 PONG = "pong"
@@ -66,7 +68,10 @@ TEXTURE = "texture"
 DONE = "done"
 CANCELLED = "cancelled"
 ERROR = "error"
-SERVER_MESSAGES = frozenset({HELLO, PONG, ACCEPTED, PROGRESS, PREVIEW_MESH, TEXTURE, DONE, CANCELLED, ERROR})
+BATCH_DONE = "batch_done"  # a batch ended: what finished, failed, was retried or cancelled
+SERVER_MESSAGES = frozenset(
+    {HELLO, PONG, ACCEPTED, PROGRESS, PREVIEW_MESH, TEXTURE, DONE, CANCELLED, ERROR, BATCH_DONE}
+)
 
 # Error codes carried by `error` frames.
 BAD_SETTINGS = "bad_settings"
@@ -79,6 +84,7 @@ PROTOCOL_VERSION_MISMATCH = "protocol_version"
 INTERNAL = "internal"
 UNKNOWN_TYPE = "unknown_type"
 UNAUTHORIZED = "unauthorized"  # TCP only: the hello lacked the right token
+MISSING_EXTRA = "missing_extra"  # an optional part (Ray, for a batch) is not installed or not reachable
 ERROR_CODES = frozenset(
     {
         BAD_SETTINGS,
@@ -91,6 +97,7 @@ ERROR_CODES = frozenset(
         INTERNAL,
         UNKNOWN_TYPE,
         UNAUTHORIZED,
+        MISSING_EXTRA,
     }
 )
 
@@ -499,6 +506,20 @@ def finish(job_id: str) -> bytes:
     return encode_frame({"type": FINISH, "job_id": job_id})
 
 
+def batch(batch_id: str, job: dict[str, Any], seeds: list[int], prompts: list[str] | None = None) -> bytes:
+    """Run every (prompt, seed) variant of `job` on the server's Ray instance or cluster: `prompts`
+    (default: the job's own prompt) times `seeds`. The batch is one entry of the server's queue; its
+    id travels as "job_id", so `cancel` and `finish` name it as they name a job (finish: no new
+    variant starts, the running ones are delivered). The server answers `accepted`, then per finished
+    variant a `done` (its own job id, with `batch_id`, `prompt`, `seed` and the GLB bytes) and a
+    `progress` (step: variants ended, total: variants), and last `batch_done` (or `cancelled`). A
+    server without Ray answers `error` "missing_extra"; one older than batches, `unknown_type`."""
+    header: dict[str, Any] = {"type": BATCH, "job_id": batch_id, "job": job, "seeds": list(seeds)}
+    if prompts is not None:
+        header["prompts"] = list(prompts)
+    return encode_frame(header)
+
+
 def shutdown() -> bytes:
     return encode_frame({"type": SHUTDOWN})
 
@@ -597,6 +618,25 @@ def done(
             **extra,
         },
         blobs=blobs,
+    )
+
+
+def batch_done(
+    batch_id: str, assets: int, failed: list[dict], retried: list[dict], cancelled: list[dict], seconds: float
+) -> bytes:
+    """A batch's last frame: how many variants were delivered (each came in its own `done`), and the
+    ones that failed (prompt, seed, error), were sent again after their worker died (prompt, seed,
+    error) or never ran because of `finish` (prompt, seed)."""
+    return encode_frame(
+        {
+            "type": BATCH_DONE,
+            "job_id": batch_id,
+            "assets": int(assets),
+            "failed": failed,
+            "retried": retried,
+            "cancelled": cancelled,
+            "seconds": _finite_or_none(seconds),
+        }
     )
 
 
