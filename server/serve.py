@@ -611,7 +611,7 @@ def _batch_fields(message: protocol.Message) -> tuple[dict, list[int], list[str]
     if not isinstance(job, dict):
         raise JobSpecError("job", f"must be an object of job settings, got {type(job).__name__}")
     if job.get("kind", "generate") != "generate":
-        raise JobSpecError("kind", "a batch generates variants; texture a mesh with texture_mesh, one job each")
+        raise JobSpecError("kind", "a batch generates variants; texture meshes one by one (texture_mesh)")
     if (
         not isinstance(seeds, list)
         or not seeds
