@@ -49,6 +49,11 @@ def server_context(cert_path: str | Path, key_path: str | Path) -> ssl.SSLContex
     """The server's side: TLS 1.2 or newer with the given certificate and private key."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # No TLS 1.3 session tickets: they arrive after the handshake, while the client's reader thread
+    # reads and its main thread writes the hello on the same SSL object, and that race lost the hello
+    # in about one connection in three (the server then timed out waiting for it). The clients never
+    # resume sessions, so the tickets bought nothing.
+    context.num_tickets = 0
     context.load_cert_chain(str(cert_path), str(key_path))
     return context
 
