@@ -622,7 +622,7 @@ def remote_tls(zip_path: str, out: Path) -> dict:
         prefs.remote_address, prefs.remote_token = address, "s3cret"
         set_panel("a pinned teapot", 3)
 
-        prefs.remote_fingerprint = "00" + fingerprint[2:]
+        prefs.remote_fingerprint = ("FF" if fingerprint.startswith("00") else "00") + fingerprint[2:]
         assert "certificate" in reported_error(bpy.ops.cfd.generate, wait=True)
         assert ctl.error.code == "certificate_mismatch" and fingerprint in ctl.error.detail, ctl.error
         assert ctl.connection is None and "CFD preview" not in " ".join(bpy.data.objects.keys())
