@@ -12,7 +12,7 @@ directory.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -37,6 +37,29 @@ def report_step(
     return events.preview_due() or step == spec.steps - 1
 
 
+class StepLoop:
+    """A job's steps as every job loop runs them: Cancel raises `Cancelled` within one step, Finish now
+    (`events.finish_requested()`) ends the loop after the current step, and `stopped_at` names it."""
+
+    def __init__(self, spec: JobSpec, events: Events, should_cancel: Callable[[], bool]):
+        self.spec, self.events, self.should_cancel = spec, events, should_cancel
+        self.stopped_at: int | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        for step in range(self.spec.steps):
+            if self.should_cancel():
+                raise Cancelled(step)
+            if self.events.finish_requested():
+                self.stopped_at = step
+                return
+            yield step
+
+    def check_cancelled(self) -> None:
+        """A Cancel that came with the last step: nothing is written."""
+        if self.should_cancel():
+            raise Cancelled(self.spec.steps if self.stopped_at is None else self.stopped_at)
+
+
 def run_job(
     spec: JobSpec,
     init_mesh: tuple[np.ndarray, np.ndarray] | None,
@@ -48,13 +71,8 @@ def run_job(
     whole asset all the same, its job.json naming the step it stopped at."""
     start = time.perf_counter()
     state = start_job(spec, init_mesh)
-    stopped_at = None
-    for step in range(spec.steps):
-        if should_cancel():
-            raise Cancelled(step)
-        if events.finish_requested():
-            stopped_at = step
-            break
+    loop = StepLoop(spec, events, should_cancel)
+    for step in loop:
         outcome = optimisation_step(state, step)
         # The shapes profile says whether the geometry still moves; the others name their stage.
         if state.profile.name == "shapes":
@@ -71,13 +89,11 @@ def run_job(
                 mesh.faces.cpu().numpy().astype(np.int32),
                 colors.cpu().numpy(),
             )
-
-    if should_cancel():
-        raise Cancelled(spec.steps if stopped_at is None else stopped_at)
+    loop.check_cancelled()
     with torch.no_grad():
         mesh = state.geometry()
     if len(mesh.faces) == 0:
-        raise ShapeVanishedError(f"the shape vanished by step {stopped_at}: there is nothing to finish")
+        raise ShapeVanishedError(f"the shape vanished by step {loop.stopped_at}: there is nothing to finish")
     return write_asset(
         spec,
         mesh.vertices.cpu(),
@@ -87,5 +103,5 @@ def run_job(
         events,
         start,
         state.atlas,
-        stopped_at_step=stopped_at,
+        stopped_at_step=loop.stopped_at,
     )

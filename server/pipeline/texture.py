@@ -22,14 +22,13 @@ import torch
 from server.device import resolve_device
 from server.geometry.dmtet import TriangleMesh
 from server.geometry.texture_field import TextureField
-from server.job.errors import Cancelled
 from server.job.events import Events
 from server.job.fixed_mesh import FixedMesh, MeshInputError
 from server.job.profiles import Profile
 from server.job.spec import JobSpec
 from server.pipeline.asset import JobResult, write_asset
 from server.pipeline.export import UVAtlas, atlas_from_uvs, fresh_atlas, png_bytes, uv_problem
-from server.pipeline.run import report_step
+from server.pipeline.run import StepLoop, report_step
 from server.pipeline.setup import (
     CameraSource,
     PriorStage,
@@ -184,18 +183,12 @@ def run_texture_job(
     vertices."""
     start = time.perf_counter()
     state = start_texture_job(spec, mesh)
-    stopped_at = None
-    for step in range(spec.steps):
-        if should_cancel():
-            raise Cancelled(step)
-        if events.finish_requested():
-            stopped_at = step
-            break
+    loop = StepLoop(spec, events, should_cancel)
+    for step in loop:
         if report_step(events, spec, step, texture_step(state, step), start, "texture"):
             colours = (state.color_fn(mesh.vertices) * 255).round().astype(np.uint8)
             events.preview_mesh(step + 1, mesh.vertices, mesh.faces, colours)
-    if should_cancel():
-        raise Cancelled(spec.steps if stopped_at is None else stopped_at)
+    loop.check_cancelled()
     # The preview renders the mesh in the view volume with the field there; the bake reads the field
     # through `color_fn` at the atlas's own (original) vertices.
     return write_asset(
@@ -207,5 +200,5 @@ def run_texture_job(
         events,
         start,
         state.atlas,
-        stopped_at_step=stopped_at,
+        stopped_at_step=loop.stopped_at,
     )
