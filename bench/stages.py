@@ -130,7 +130,7 @@ def run_stages(spec: JobSpec, prior: Prior, log: Callable[[str], None] | None = 
                     f"CPU {figure.cpu_seconds[-1]:.1f} s, render {figure.render_sizes[-1]}, "
                     f"t {figure.timesteps[-1]}, peak RSS {peak_rss_mb():.0f} MB"
                 )
-            figure.finite = figure.finite and bool(torch.isfinite(torch.tensor(outcome.loss)))
+            figure.finite = figure.finite and bool(torch.isfinite(outcome.loss))
     finally:
         prior.encode_images = encode
     for figure in figures:

@@ -16,7 +16,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from server.distill.schedule import NoiseSchedule
-from server.distill.update import CFGForm, Weighting, classifier_free_guidance, distillation_step
+from server.distill.update import CFGForm, Weighting, classifier_free_guidance, distillation_step, finite_loss
 from server.noise.base import NoiseProvider, NoiseQuery
 
 
@@ -80,6 +80,7 @@ def clean_flow_2d(
             cfg_form,
             Weighting.ONE if optimizer == "sgd" else weighting,
         )
+        finite_loss(step.loss, i)
         opt.zero_grad(set_to_none=True)
         step.loss.backward()
         opt.step()

@@ -25,6 +25,7 @@ class NoiseSchedule:
 
     def __init__(self, alphas_cumprod: torch.Tensor, final_alpha_cumprod: float = 1.0):
         self.alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float64)
+        self._abar = self.alphas_cumprod.tolist()  # read per step as Python floats, not tensor items
         self.final_alpha_cumprod = float(final_alpha_cumprod)
         self.num_train_timesteps = len(self.alphas_cumprod)
 
@@ -35,7 +36,7 @@ class NoiseSchedule:
 
     def abar(self, t: int) -> float:
         """abar_t; t < 0 means "after the last step" (diffusers' final_alpha_cumprod, 1 = clean)."""
-        return self.final_alpha_cumprod if t < 0 else float(self.alphas_cumprod[t])
+        return self.final_alpha_cumprod if t < 0 else self._abar[t]
 
     def alpha(self, t: int) -> float:
         return self.abar(t) ** 0.5

@@ -14,6 +14,7 @@ gradient step of size lambda_t - lambda_prev, this is exactly a DDIM step on the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -69,7 +70,7 @@ class DistillationStep:
     grad: torch.Tensor  # [B, C, h, w], detached
     eps_hat: torch.Tensor  # guided prediction, detached
     x_t: torch.Tensor  # the noisy input the prior saw
-    nonfinite: int  # how many gradient entries were NaN/inf and zeroed
+    nonfinite: torch.Tensor  # 0-d: how many gradient entries were NaN/inf and zeroed
 
 
 def distillation_step(
@@ -101,11 +102,21 @@ def distillation_step(
 
     grad = step_weight * weight(schedule, t, weighting) * (eps_hat - noise)
     finite = torch.isfinite(grad)
-    nonfinite = int((~finite).sum())
-    if nonfinite == grad.numel():
-        raise NonFiniteError(f"the prior returned no finite prediction at t={t}")
+    nonfinite = (~finite).sum()
     grad = torch.where(finite, grad, torch.zeros_like(grad))
 
     target = (latents - grad).detach()
     loss = 0.5 * ((latents - target) ** 2).sum()
+    # No prediction finite at all: a NaN loss, which its reader raises as `NonFiniteError` (read here,
+    # it would make every step wait for the device).
+    loss = torch.where(nonfinite < grad.numel(), loss, math.nan)
     return DistillationStep(loss, grad, eps_hat.detach(), x_t, nonfinite)
+
+
+def finite_loss(loss: torch.Tensor, step: int) -> float:
+    """A step's loss as a float, read where it is reported, so that the step itself never waits for the
+    device; `NonFiniteError` when it diverged (or the prior predicted nothing finite)."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteError(f"the loss became {value} at step {step}")
+    return value

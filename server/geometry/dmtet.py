@@ -107,7 +107,7 @@ def marching_tetrahedra(
     local = case_table[active_case]  # [A, 6] local edge ids
     tet_vertices = edge_to_vertex[tet_edges[active]]  # [A, 6] mesh vertex per tet edge (-1 if none)
     first = torch.gather(tet_vertices, 1, local[:, :3])
-    two = case_triangles[active_case] == 2
+    two = torch.nonzero(case_triangles[active_case] == 2).squeeze(1)
     second = torch.gather(tet_vertices[two], 1, local[two, 3:])
     faces = torch.cat([first, second], dim=0)
     return TriangleMesh(vertices=vertices, faces=faces, source_edges=crossing_ids)

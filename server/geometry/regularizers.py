@@ -47,7 +47,7 @@ def laplacian_smoothness(mesh: TriangleMesh, edges: torch.Tensor | None = None) 
     neighbour_sum = torch.zeros_like(mesh.vertices).index_add_(0, both[:, 0], mesh.vertices[both[:, 1]])
     degree = torch.zeros(len(mesh.vertices), dtype=mesh.vertices.dtype, device=mesh.vertices.device)
     degree.index_add_(0, both[:, 0], torch.ones_like(both[:, 0], dtype=mesh.vertices.dtype))
-    used = degree > 0
+    used = torch.nonzero(degree > 0).squeeze(1)  # one wait for the size, shared by the three selections
     laplacian = neighbour_sum[used] / degree[used, None] - mesh.vertices[used]
     return laplacian.norm(dim=-1).mean()
 
@@ -60,9 +60,11 @@ def sdf_sign_change(sdf: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     ends = sdf[edges]  # [E, 2]
     outside = ends > 0
     crossing = outside[:, 0] != outside[:, 1]
-    if not bool(crossing.any()):
-        return sdf.sum() * 0.0
+    any_crossing = crossing.any()
+    crossing = torch.nonzero(crossing).squeeze(1)  # one wait for the size, shared by both selections
     ends, outside = ends[crossing], outside[crossing].to(sdf.dtype)
-    return F.binary_cross_entropy_with_logits(ends[:, 0], outside[:, 1]) + F.binary_cross_entropy_with_logits(
+    loss = F.binary_cross_entropy_with_logits(ends[:, 0], outside[:, 1]) + F.binary_cross_entropy_with_logits(
         ends[:, 1], outside[:, 0]
     )
+    # No crossing edge: the mean over none is NaN; chosen on the device (no wait for an `if`).
+    return torch.where(any_crossing, loss, 0.0)

@@ -124,16 +124,8 @@ _SLAB_HALF, _TEXEL_HALF = 1 << 13, 1 << 21
 def pack_cells(
     chart: torch.Tensor | int, i: torch.Tensor, j: torch.Tensor, slab: torch.Tensor
 ) -> torch.Tensor:
-    """One int64 per lattice cell (distinct cells give distinct integers)."""
-    for name, value, half in (
-        ("texel", i, _TEXEL_HALF),
-        ("texel", j, _TEXEL_HALF),
-        ("slab", slab, _SLAB_HALF),
-    ):
-        if value.numel() and int(value.abs().max()) >= half:
-            raise ValueError(
-                f"a surface point lies too far from the origin for the noise lattice ({name} index)"
-            )
+    """One int64 per lattice cell (distinct cells give distinct integers while |i|, |j| < 2^21 and
+    |slab| < 2^13: `surface_footprints` keeps its points within `lattice_limit`)."""
     return chart | ((slab + _SLAB_HALF) << 4) | ((i + _TEXEL_HALF) << 18) | ((j + _TEXEL_HALF) << 40)
 
 
@@ -366,6 +358,16 @@ class Footprints:
     foreground: torch.Tensor  # [B, h, w] bool: the pixel has at least one foreground triangle
 
 
+def lattice_limit(texels: int, slab: float) -> float:
+    """The coordinate bound that keeps every surface point's cells distinct (`pack_cells`' ranges with a
+    tenth to spare), from these host numbers, so the noise never reads the device's points back to
+    check them. A job's shapes lie within a unit-radius grid, far inside it."""
+    # A cube face's u, v stay within (1 / _MIN_COSINE + 1) * texels / 2 of the origin whatever |p| is.
+    if (1.0 / _MIN_COSINE + 1.0) * texels / 2 + 1 >= _TEXEL_HALF:
+        raise ValueError(f"{texels} texels across a cube face is too fine for the noise lattice")
+    return 0.9 * min(_TEXEL_HALF * _PLANE_TEXELS / texels, _SLAB_HALF * slab) / math.sqrt(3.0) - 2.0 * slab
+
+
 def surface_footprints(
     points: torch.Tensor,
     opacity: torch.Tensor,
@@ -384,9 +386,12 @@ def surface_footprints(
     views, pixels = points.shape[0], latent_hw[0] * latent_hw[1]
     corners, faces, face_ok = latent_corner_mesh(points, opacity, latent_hw, opacity_threshold)
     texels = max(1, round(2.0 / texel_size))
+    limit = lattice_limit(texels, slab)
+    corners = corners.clamp(-limit, limit)  # a far point shares the lattice's edge cells, never wraps
     uvq, allowed = chart_corners(corners, texels)
-    faces = faces[face_ok]
-    owner = torch.nonzero(face_ok).squeeze(1) // 2  # the latent pixel (over all views) of each face
+    kept = torch.nonzero(face_ok).squeeze(1)  # one wait for the size, shared by both selections
+    faces = faces[kept]
+    owner = kept // 2  # the latent pixel (over all views) of each face
     chart, face = torch.nonzero(allowed[:, faces].all(dim=-1), as_tuple=True)
     tri = uvq[chart[:, None], faces[face]]  # [T, 3, 3]
     view_chart = owner[face] // pixels * _CHARTS + chart
@@ -395,7 +400,7 @@ def surface_footprints(
     jitter, _ = _uniform_pair(hash64(pack_cells(chart_of, i, j, torch.zeros_like(i)) ^ _JITTER_SALT))
     near_slab = torch.floor(_slab_coordinate(chart_of, i, j, near_q, texels) / slab + jitter).long()
     far_slab = torch.floor(_slab_coordinate(chart_of, i, j, far_q, texels) / slab + jitter).long()
-    extra = (far != near) & (far_slab != near_slab)
+    extra = torch.nonzero((far != near) & (far_slab != near_slab)).squeeze(1)
     owned = owner[face[torch.cat([near, far[extra]])]]
     cells = torch.cat(
         [

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from server.distill.update import finite_loss
 from server.job.errors import Cancelled, ShapeVanishedError
 from server.job.events import Events
 from server.job.spec import JobSpec
@@ -28,12 +29,14 @@ from server.pipeline.step import StepOutcome, optimisation_step
 def report_step(
     events: Events, spec: JobSpec, step: int, outcome: StepOutcome, start: float, stage: str
 ) -> bool:
-    """Stream a step's milestone texture and its progress in `stage`; True when a preview mesh is due."""
+    """Stream a step's milestone texture and its progress in `stage`; True when a preview mesh is due.
+    Raises `NonFiniteError` when the step's loss diverged."""
+    loss = finite_loss(outcome.loss, step)
     if outcome.texture_png is not None:
         events.texture(step + 1, outcome.texture_png, spec.texture_size, spec.texture_size)
     elapsed = time.perf_counter() - start
     eta = elapsed / (step + 1) * (spec.steps - step - 1)
-    events.progress(step + 1, spec.steps, stage, outcome.t, outcome.loss, eta, elapsed)
+    events.progress(step + 1, spec.steps, stage, outcome.t, loss, eta, elapsed)
     return events.preview_due() or step == spec.steps - 1
 
 

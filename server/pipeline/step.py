@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from server.distill.update import CFGForm, DistillationStep, Weighting, distillation_step
+from server.distill.update import CFGForm, DistillationStep, Weighting, distillation_step, finite_loss
 from server.geometry.dmtet import TriangleMesh
-from server.geometry.regularizers import laplacian_smoothness, normal_consistency, sdf_sign_change
+from server.geometry.regularizers import laplacian_smoothness, mesh_edges, normal_consistency, sdf_sign_change
 from server.geometry.sdf_volume import VolumeRender
-from server.job.errors import NonFiniteError, ShapeVanishedError
+from server.job.errors import ShapeVanishedError
 from server.noise.base import NoiseQuery
 from server.pipeline.asset import TARGET_FACES
 from server.pipeline.export import png_bytes, prepare_atlas
@@ -37,7 +37,7 @@ UNTIMED = StepTimer()
 @dataclass
 class StepOutcome:
     mesh: TriangleMesh
-    loss: float
+    loss: torch.Tensor  # 0-d, on the job's device: read (`finite_loss`) only where it is reported
     t: float
     shaping: bool
     texture_png: bytes | None  # a milestone texture, baked after this step
@@ -84,7 +84,6 @@ def volume_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepO
         loss = loss + opt.eikonal_weight * view.eikonal
         loss = loss + opt.volume_smoothness_weight * volume.smoothness()
         loss = loss + opt.opacity_weight * view.opacity.mean()
-    check_finite(loss, step)
     state.volume_optimizer.zero_grad(set_to_none=True)
     timer.backward(loss, [(latents, "regularisers"), (view.rgb, "encode_backward")], "render_backward")
     with timer("optimiser"):
@@ -95,9 +94,10 @@ def volume_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepO
         state.geometry.sdf.copy_(volume.at(state.geometry.grid_vertices))
         state.texture.set_base_colour(volume.albedo_logit)
     if step == state.volume_steps - 1:
+        finite_loss(loss, step)  # the hand-over reads the volume on the host: not from a diverged one
         with timer("hand_over"):
             hand_over(state)
-    return StepOutcome(mesh, loss.item(), t, True, None)
+    return StepOutcome(mesh, loss.detach(), t, True, None)
 
 
 @torch.no_grad()
@@ -161,13 +161,15 @@ def mesh_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepOut
             anneal = max(0.0, 1.0 - step / (0.5 * spec.steps))
             sign_start, sign_end = settings.sign_weight
             sign_weight = sign_end + (sign_start - sign_end) * anneal
+            # The unique edges once for both regularisers (their number is a wait for the device).
+            if settings.normal_weight or settings.laplacian_weight:
+                edges = mesh_edges(mesh.faces, len(mesh.vertices))
             if settings.normal_weight:
-                loss = loss + settings.normal_weight * normal_consistency(mesh)
+                loss = loss + settings.normal_weight * normal_consistency(mesh, edges)
             if settings.laplacian_weight:
-                loss = loss + settings.laplacian_weight * laplacian_smoothness(mesh)
+                loss = loss + settings.laplacian_weight * laplacian_smoothness(mesh, edges)
             if sign_weight:
                 loss = loss + sign_weight * sdf_sign_change(geometry.sdf, geometry.edges)
-    check_finite(loss, step)
     state.optimizer.zero_grad(set_to_none=True)
     marks = [(latents, "regularisers"), (view.rgb, "encode_backward"), (mesh.vertices, "render_backward")]
     timer.backward(loss, marks, "marching_tets_backward")
@@ -175,14 +177,17 @@ def mesh_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepOut
         state.optimizer.step()
     with timer("noise"):
         run.noise.reinject(run.gamma(step, spec.gamma))
-    if shaping and step % opt.island_cleanup_every == opt.island_cleanup_every - 1:
+    cleanup = shaping and step % opt.island_cleanup_every == opt.island_cleanup_every - 1
+    if cleanup or step + 1 in state.milestones:
+        finite_loss(loss, step)  # the island cleanup and the bake read the mesh on the host
+    if cleanup:
         with timer("island_cleanup"):
             geometry.remove_small_islands(optimizer=state.optimizer)
     texture_png = None
     if step + 1 in state.milestones:
         with timer("texture_bake"):
             texture_png = bake_milestone(state)
-    return StepOutcome(mesh, loss.item(), t, shaping, texture_png)
+    return StepOutcome(mesh, loss.detach(), t, shaping, texture_png)
 
 
 def flow_gradient(
@@ -227,11 +232,6 @@ def flow_gradient(
             c2w=view.c2w,
         )
     return latents, flow
-
-
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"the loss became {loss.item()} at step {step}")
 
 
 def bake_milestone(state: JobState) -> bytes:

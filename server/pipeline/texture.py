@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from server.device import resolve_device
+from server.distill.update import finite_loss
 from server.geometry.dmtet import TriangleMesh
 from server.geometry.texture_field import TextureField
 from server.job.events import Events
@@ -38,7 +39,7 @@ from server.pipeline.setup import (
     stage_runs,
     texture_field,
 )
-from server.pipeline.step import UNTIMED, StepOutcome, StepTimer, check_finite, flow_gradient
+from server.pipeline.step import UNTIMED, StepOutcome, StepTimer, flow_gradient
 from server.priors import Prior
 from server.render.mesh import render_mesh
 
@@ -160,7 +161,6 @@ def texture_step(state: TextureState, step: int, timer: StepTimer = UNTIMED) -> 
     t = run.t(step, spec.steps, state.generator)
     latents, flow = flow_gradient(state, stage, run, view, t, elevation, azimuth, timer)
     loss = flow.loss / len(c2w)
-    check_finite(loss, step)
     state.optimizer.zero_grad(set_to_none=True)
     timer.backward(loss, [(latents, "encode_backward")], "render_backward")
     with timer("optimiser"):
@@ -169,9 +169,10 @@ def texture_step(state: TextureState, step: int, timer: StepTimer = UNTIMED) -> 
         run.noise.reinject(run.gamma(step, spec.gamma))
     texture_png = None
     if step + 1 in state.milestones:
+        finite_loss(loss, step)  # the bake reads the field on the host: not a diverged one
         with timer("texture_bake"):
             texture_png = png_bytes(state.atlas.bake(state.color_fn)[0])
-    return StepOutcome(TriangleMesh(state.vertices, state.faces), loss.item(), t, False, texture_png)
+    return StepOutcome(TriangleMesh(state.vertices, state.faces), loss.detach(), t, False, texture_png)
 
 
 def run_texture_job(

@@ -17,11 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from server.render.cameras import Camera, camera_rays, perspective
 from server.render.raster import Backend, antialias, interpolate, rasterize
 from server.render.shading import AMBIENT, BACKGROUND, DIFFUSE, LIGHT_JITTER
 
@@ -86,21 +84,38 @@ def clip_positions(
     vertices: torch.Tensor, c2w: torch.Tensor, fovy: torch.Tensor, aspect: float, near: float, far: float
 ) -> torch.Tensor:
     """World vertices [N, 3] -> OpenGL clip positions [B, N, 4] for each camera (`cameras.perspective`)."""
-    projection = torch.stack(
-        [torch.from_numpy(perspective(float(f), aspect, near, far)) for f in fovy.detach().cpu()]
-    )
-    world_to_clip = projection.to(c2w.device) @ torch.linalg.inv(c2w.to(torch.float64))
+    world_to_clip = perspective_matrices(fovy, aspect, near, far) @ torch.linalg.inv(c2w.to(torch.float64))
     homogeneous = torch.cat([vertices, torch.ones_like(vertices[:, :1])], dim=1)
     return homogeneous @ world_to_clip.to(vertices.dtype).transpose(1, 2)
 
 
+def perspective_matrices(fovy: torch.Tensor, aspect: float, near: float, far: float) -> torch.Tensor:
+    """`cameras.perspective` for each field of view [B], float64 [B, 4, 4] on fovy's device: built
+    there, so that no camera is read back to the host."""
+    f = 1.0 / torch.tan(fovy.detach().to(torch.float64) / 2.0)
+    projection = torch.zeros(len(f), 4, 4, dtype=torch.float64, device=fovy.device)
+    projection[:, 0, 0] = f / aspect
+    projection[:, 1, 1] = f
+    projection[:, 2, 2] = (far + near) / (near - far)
+    projection[:, 2, 3] = 2.0 * far * near / (near - far)
+    projection[:, 3, 2] = -1.0
+    return projection
+
+
 def pixel_rays(c2w: torch.Tensor, fovy: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Unit world ray directions through pixel centres, [B, H, W, 3], row 0 = top (`cameras.camera_rays`)."""
-    dirs = [
-        camera_rays(Camera(matrix, float(f)), height, width)[1]
-        for matrix, f in zip(c2w.detach().cpu().numpy().astype(np.float64), fovy.detach().cpu(), strict=True)
-    ]
-    return torch.from_numpy(np.stack(dirs)).to(device=c2w.device, dtype=c2w.dtype)
+    """Unit world ray directions through pixel centres, [B, H, W, 3], row 0 = top (`cameras.camera_rays`),
+    computed in float64 on the cameras' device."""
+    tan_y = torch.tan(fovy.detach().to(torch.float64) / 2.0)[:, None, None]
+    tan_x = tan_y * width / height
+    device = c2w.device
+    xs = (torch.arange(width, dtype=torch.float64, device=device) + 0.5) / width * 2.0 - 1.0
+    ys = 1.0 - (torch.arange(height, dtype=torch.float64, device=device) + 0.5) / height * 2.0
+    gx = (xs[None, None, :] * tan_x).expand(-1, height, -1)
+    gy = (ys[None, :, None] * tan_y).expand(-1, -1, width)
+    dirs_cam = torch.stack([gx, gy, -torch.ones_like(gx)], dim=-1)  # [B, H, W, 3]
+    dirs = dirs_cam @ c2w.detach().to(torch.float64)[:, None, :3, :3].transpose(-1, -2)
+    dirs = dirs / torch.linalg.vector_norm(dirs, dim=-1, keepdim=True)
+    return dirs.to(c2w.dtype)
 
 
 def render_mesh(

@@ -115,21 +115,22 @@ def antialias(
             color.float().contiguous(), rast, pos.float().contiguous(), tri.int().contiguous()
         )
     if topology is None:
-        topology = opposite_vertices(tri)
+        topology = opposite_vertices(tri, pos.shape[-2])
     return _antialias_torch(color, rast, pos, tri.long(), topology)
 
 
-def opposite_vertices(tri: torch.Tensor) -> torch.Tensor:
+def opposite_vertices(tri: torch.Tensor, num_vertices: int | None = None) -> torch.Tensor:
     """For edge i of each triangle (the edge opposite its vertex i), the vertex of the other triangle
     across that edge: [F, 3] int64, -1 where the edge is a boundary or is shared by more than two
-    triangles. Shared vertices must share indices (weld the mesh first)."""
+    triangles. Shared vertices must share indices (weld the mesh first). `num_vertices`, when known,
+    spares reading the largest index back from the device."""
     tri = tri.long()
     num_faces = tri.shape[0]
     if num_faces == 0:
         return tri.new_empty(0, 3)
     start_v, end_v = tri.roll(-1, dims=1), tri.roll(-2, dims=1)
     lo, hi = torch.minimum(start_v, end_v), torch.maximum(start_v, end_v)
-    key = (lo * (int(tri.max()) + 1) + hi).reshape(-1)
+    key = (lo * (int(tri.max()) + 1 if num_vertices is None else num_vertices) + hi).reshape(-1)
     order = torch.argsort(key, stable=True)
     _, group, counts = torch.unique_consecutive(key[order], return_inverse=True, return_counts=True)
     group_start = (torch.cumsum(counts, 0) - counts)[group]
@@ -268,7 +269,7 @@ def _candidates(forms, x0, box_w, y0, box_h, height: int, width: int):
     """
     device = forms.device
     row_tri = torch.repeat_interleave(torch.arange(len(forms), device=device), box_h)
-    row_first = torch.repeat_interleave(torch.cumsum(box_h, 0) - box_h, box_h)
+    row_first = torch.repeat_interleave(torch.cumsum(box_h, 0) - box_h, box_h, output_size=len(row_tri))
     py = y0[row_tri] + torch.arange(len(row_tri), device=device) - row_first
     row_forms = forms.index_select(0, row_tri)
     # Along a row, each form is offset + slope * a (the same arithmetic as the exact test below).
@@ -296,14 +297,15 @@ def _candidates(forms, x0, box_w, y0, box_h, height: int, width: int):
 
 def _depth_test_chunk(slots, owner, px, py, values, num_faces, height, width, zbuf, fbuf) -> None:
     z = values[:, 3]
-    keep = (values[:, :3] >= 0).all(1) & (z >= -1.0) & (z <= 1.0)
+    # Each selection's size is one wait for the device, so each mask is turned into indices once.
+    keep = torch.nonzero((values[:, :3] >= 0).all(1) & (z >= -1.0) & (z <= 1.0)).squeeze(1)
     slot, z = slots[owner[keep]], z[keep]
     key = ((slot // num_faces) * height + py[keep]) * width + px[keep]
     face = slot % num_faces
     before = zbuf.clone()
     zbuf.scatter_reduce_(0, key, z, "amin")
-    fbuf[zbuf < before] = num_faces  # a nearer fragment in this chunk displaces earlier winners
-    win = z == zbuf[key]
+    fbuf.masked_fill_(zbuf < before, num_faces)  # a nearer fragment in this chunk displaces earlier winners
+    win = torch.nonzero(z == zbuf[key]).squeeze(1)
     fbuf.scatter_reduce_(0, key[win], face[win], "amin")
 
 
@@ -356,7 +358,7 @@ def _antialias_torch(
         xk, yk = ex.gather(1, (edge + 2) % 3), ey.gather(1, (edge + 2) % 3)
         area = (ex[:, 1] - ex[:, 0]) * (ey[:, 2] - ey[:, 0]) - (ex[:, 2] - ex[:, 0]) * (ey[:, 1] - ey[:, 0])
         wing_area = ((xj - wing_x) * (yk - wing_y) - (xk - wing_x) * (yj - wing_y)).squeeze(1)
-        silhouette = (wing < 0) | (torch.signbit(wing_area) == torch.signbit(area))
+        silhouette = torch.nonzero((wing < 0) | (torch.signbit(wing_area) == torch.signbit(area))).squeeze(1)
         keep = found[silhouette]
         edge = edge[silhouette]
 
