@@ -397,6 +397,42 @@ def test_a_vanished_shape_ends_the_job_with_a_clear_error_not_a_crash():
     assert code == protocol.NAN and "vanished" in message and "seed" in fix
 
 
+def test_a_diverged_step_ends_the_job_where_it_is_reported_and_writes_nothing(tmp_path: Path, monkeypatch):
+    """The step no longer stops to look at its loss (that would make a GPU wait every step): a prior
+    that predicts nothing finite from the second step on (a plain volume step: no hand-over, clean-up
+    or bake reads the mesh) still ends the job at that step with the protocol's `nan` error, before its
+    progress is sent, and no asset is written. The failure is injected into the real shapes prior; the
+    rest is a real job."""
+    from server.job.errors import NonFiniteError
+    from server.pipeline.setup import start_job
+    from server.serve import classify_exception
+    from server.wire import protocol
+
+    prior = start_job(JobSpec.from_dict({"prompt": "a red cube", **QUICK}), None).stages[0].prior
+    predict, calls = prior.predict_eps, []
+
+    def nothing_finite_from_step_1(x_t, t, cond, uncond, c2w=None):
+        calls.append(t)
+        eps_cond, eps_uncond = predict(x_t, t, cond, uncond, c2w=c2w)
+        nan = float("nan") if len(calls) > 1 else 1.0
+        return eps_cond * nan, eps_uncond * nan
+
+    monkeypatch.setattr(prior, "predict_eps", nothing_finite_from_step_1)
+    events = Recorder()
+    with pytest.raises(NonFiniteError, match="the loss became nan at step 1") as raised:
+        from server.pipeline.run import run_job
+
+        run_job(
+            JobSpec.from_dict({"prompt": "a red cube", "seed": 1, "output_dir": str(tmp_path), **QUICK}),
+            None,
+            events,
+            lambda: False,
+        )
+    assert [update[0] for update in events.updates] == [1]
+    assert list(tmp_path.iterdir()) == []
+    assert classify_exception(raised.value)[0] == protocol.NAN
+
+
 def test_the_command_line_reports_a_vanished_variant_and_keeps_the_others(
     tmp_path: Path, monkeypatch, capsys
 ):
