@@ -290,3 +290,26 @@ def test_silhouettes_alone_recover_a_translation():
         loss.backward()
         optimiser.step()
     assert (shift - target_shift).norm().item() < start_error / 10
+
+
+def test_the_renderers_projections_and_rays_are_the_cameras_own_built_on_the_device():
+    """`perspective_matrices` and `pixel_rays` build on the cameras' device what `cameras.perspective` and
+    `cameras.camera_rays` build in numpy for Blender (so no camera is read back mid-step): the same
+    numbers for sampled rig cameras and a non-square image, to the last bit for the projections and
+    for the float32 rays a job uses (float64 rays differ only in their last bits: another summation
+    order)."""
+    from server.render.cameras import OrbitRig, perspective
+    from server.render.mesh import perspective_matrices, pixel_rays
+
+    sampled = OrbitRig().sample(np.random.default_rng(7), 5)
+    c2w = torch.tensor(np.stack([camera.c2w for camera in sampled]), dtype=torch.float32)
+    fovy = torch.tensor([camera.fovy for camera in sampled], dtype=torch.float32)
+    matrices = perspective_matrices(fovy, 1.5, 0.1, 100.0)
+    rays, rays64 = pixel_rays(c2w, fovy, 24, 36), pixel_rays(c2w.double(), fovy.double(), 24, 36)
+    assert rays.dtype == torch.float32 and rays.shape == (5, 24, 36, 3)
+    for b in range(len(sampled)):
+        camera = Camera(c2w[b].double().numpy(), float(fovy[b]))  # the float32 camera, as numpy sees it
+        assert np.array_equal(matrices[b].numpy(), perspective(camera.fovy, 1.5, 0.1, 100.0))
+        expected = camera_rays(camera, 24, 36)[1]
+        assert np.array_equal(rays[b].numpy(), expected.astype(np.float32))
+        np.testing.assert_allclose(rays64[b].numpy(), expected, rtol=0, atol=1e-15)
