@@ -180,16 +180,13 @@ class _HostReads(TorchFunctionMode):
         return out
 
 
-def watch(state) -> SyncWatcher:
-    """A watcher for one step of `state`'s job: Adam's step counts stay on the host, as torch keeps
-    them (neither capturable nor fused)."""
+def watch(generator: torch.Generator, *optimizers: torch.optim.Optimizer) -> SyncWatcher:
+    """A watcher for one step of a job with this CPU generator: its optimisers' Adam step counts stay on
+    the host, as torch keeps them (neither capturable nor fused)."""
     counts = [
-        entry["step"]
-        for optimizer in (state.optimizer, state.volume_optimizer)
-        for entry in optimizer.state.values()
-        if "step" in entry
+        entry["step"] for optimizer in optimizers for entry in optimizer.state.values() if "step" in entry
     ]
-    return SyncWatcher(state.generator, counts)
+    return SyncWatcher(generator, counts)
 
 
 def unexpected(syncs: list[Sync]) -> str:
@@ -221,7 +218,7 @@ def test_a_volume_step_and_a_dmtet_step_read_nothing_back_but_variable_sizes(met
 
     state = start_job(JobSpec.from_dict({"prompt": "a red cube", "method": method, **QUICK}), None)
     assert state.volume_steps > 1
-    with watch(state) as watcher:
+    with watch(state.generator, state.volume_optimizer) as watcher:
         optimisation_step(state, 0)
     assert not unexpected(watcher.syncs), (
         f"the volume step waits for the device:\n{unexpected(watcher.syncs)}"
@@ -230,13 +227,36 @@ def test_a_volume_step_and_a_dmtet_step_read_nothing_back_but_variable_sizes(met
     mesh_step = first_plain_mesh_step(state)
     for step in range(1, mesh_step):
         optimisation_step(state, step)
-    with watch(state) as watcher:
+    with watch(state.generator, state.optimizer) as watcher:
         outcome = optimisation_step(state, mesh_step)
     waits = unexpected(watcher.syncs)
     assert not waits, f"the DMTet step waits for the device:\n{waits}"
     sites = {s.site for s in watcher.syncs}
     assert "geometry/dmtet.py:marching_tetrahedra" in sites  # the watcher saw the step's own compaction
     assert outcome.loss.dim() == 0 and outcome.loss.device == state.device
+
+
+def test_a_texture_jobs_step_reads_nothing_back_but_variable_sizes():
+    """A texture job's step (the artist's mesh kept, only the colour field optimised; CFD) after its first:
+    the same rule."""
+    import trimesh
+
+    from server.job.fixed_mesh import FixedMesh
+    from server.pipeline.texture import start_texture_job, texture_step
+
+    sphere = trimesh.creation.icosphere(subdivisions=2, radius=0.5)
+    mesh = FixedMesh.from_arrays(sphere.vertices, sphere.faces)
+    spec = JobSpec.from_dict({"prompt": "a red sphere", "kind": "texture", **QUICK, "steps": 8})
+    state = start_texture_job(spec, mesh)
+    step = 2  # the milestones (a bake, on the host on purpose) follow steps 1, 3 and 5
+    assert step + 1 not in state.milestones
+    for before in range(step):
+        texture_step(state, before)
+    with watch(state.generator, state.optimizer) as watcher:
+        texture_step(state, step)
+    waits = unexpected(watcher.syncs)
+    assert not waits, f"the texture step waits for the device:\n{waits}"
+    assert "render/raster.py:_rasterize_torch" in {s.site for s in watcher.syncs}
 
 
 def test_the_watcher_sees_reads_of_device_data_and_lets_host_draws_pass():
