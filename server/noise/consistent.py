@@ -103,18 +103,28 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def hash64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser, a bijection of 64-bit patterns, on int64 tensors (products wrap mod 2^64)."""
-    x = (x ^ _shift_right(x, 30)) * _int64(_MUL1)
-    x = (x ^ _shift_right(x, 27)) * _int64(_MUL2)
-    return x ^ _shift_right(x, 31)
+    """splitmix64's finaliser, a bijection of 64-bit patterns, on int64 tensors (products wrap mod 2^64).
+
+    In place on two temporaries: on a CPU, fresh large tensors cost page faults that the arithmetic
+    does not (half the hash's time)."""
+    h = _shift_right(x, 30)
+    h ^= x
+    h *= _int64(_MUL1)
+    t = _shift_right(h, 27)
+    h ^= t
+    h *= _int64(_MUL2)
+    t = torch.bitwise_right_shift(h, 31, out=t)
+    t &= (1 << 33) - 1
+    h ^= t
+    return h
 
 
 def _uniform_pair(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent uniforms in (0, 1) from the top and bottom 24 bits of a 64-bit hash."""
-    scale = 2.0**-24
-    high = (_shift_right(h, 40).to(torch.float32) + 0.5) * scale
-    low = (((h >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * scale
-    return high, low
+    high, low = _shift_right(h, 40).to(torch.float32), ((h >> 8) & 0xFFFFFF).to(torch.float32)
+    high += 0.5
+    low += 0.5
+    return high.mul_(2.0**-24), low.mul_(2.0**-24)
 
 
 # Packed cell: chart (4 bits) | slab + 2^13 (14 bits) | i + 2^21 (22 bits) | j + 2^21 (22 bits) = 62 bits.
@@ -150,27 +160,22 @@ class HashedWhiteNoise:
             self.time += -0.5 * math.log1p(-gamma)
 
     def values(self, cells: torch.Tensor, channels: int) -> torch.Tensor:
-        """[N, channels] float32 noise of the packed cells [N]."""
+        """[N, channels] float32 noise of the packed cells [N].
+
+        Channel c's (A_c, B_c) is one Box-Muller pair (r_c cos theta_c, r_c sin theta_c), so
+        A_c cos(phase) + B_c sin(phase) is r_c cos(theta_c - phase): one cosine a channel, and one
+        hash a channel plus one for the Cauchy frequency, all in one batch.
+        """
         salt = _int64(splitmix64(splitmix64(self.seed) ^ self.epoch))
         state = hash64(cells ^ salt)
-        pairs = (channels + 1) // 2
-        a = self._normals(state, 0, pairs)[:, :channels]
-        if self.time == 0.0:
-            return a
-        b = self._normals(state, pairs, pairs)[:, :channels]
-        u, _ = _uniform_pair(hash64(state + _int64(_GOLDEN * 2 * pairs)))
-        phase = torch.tan(math.pi * (u - 0.5)) * self.time  # Cauchy(0, 1) frequency times L
-        return a * torch.cos(phase)[:, None] + b * torch.sin(phase)[:, None]
-
-    @staticmethod
-    def _normals(state: torch.Tensor, first: int, pairs: int) -> torch.Tensor:
-        """2 * pairs standard normals per state (Box-Muller on hashed uniforms), [N, 2 * pairs]."""
-        out = []
-        for q in range(first, first + pairs):
-            u1, u2 = _uniform_pair(state if q == 0 else hash64(state + _int64(_GOLDEN * q)))
-            radius = torch.sqrt(-2.0 * torch.log(u1))
-            out += [radius * torch.cos(2.0 * math.pi * u2), radius * torch.sin(2.0 * math.pi * u2)]
-        return torch.stack(out, dim=1)
+        streams = channels + (self.time != 0.0)  # the last one draws the frequency
+        offsets = torch.arange(streams, dtype=torch.int64, device=cells.device) * _int64(_GOLDEN)
+        u1, u2 = _uniform_pair(hash64(offsets[:, None] + state))  # [streams, N]: rows stay contiguous
+        radius = u1[:channels].log().mul_(-2.0).sqrt_()
+        angle = u2[:channels].mul_(2.0 * math.pi)
+        if self.time != 0.0:
+            angle -= torch.tan(math.pi * (u1[channels] - 0.5)).mul_(self.time)  # Cauchy(0, 1) times L
+        return angle.cos_().mul_(radius).t()
 
 
 def latent_corner_mesh(
@@ -234,21 +239,21 @@ def chart_corners(corners: torch.Tensor, texels: int) -> tuple[torch.Tensor, tor
     """Corners [V, 3] on every chart: [charts, V, 3] (u, v in texel units, depth q; smaller q is nearer)
     and [charts, V] whether a corner may enter the chart. Texel (i, j) has its centre at integer (i, j);
     a cube face has `texels` texels across [-1, 1] and q = -1 / t, a parallel chart q = p_e."""
-    uvq, allowed = [], []
-    least_t = _MIN_COSINE * corners.norm(dim=1)
-    for axis, sign in _CUBE:
-        t = sign * corners[:, axis]
-        inside = t > least_t
-        t = torch.where(inside, t, 1.0)
-        u, v = ((corners[:, k] / t + 1.0) * texels / 2 - 0.5 for k in _PLANE_AXES[axis])
-        uvq.append(torch.stack([u, v, -1.0 / t], dim=1))
-        allowed.append(inside)
+    xyz = corners.t()
+    face_axis = [axis for axis, _ in _CUBE]
+    signs = torch.tensor([sign for _, sign in _CUBE], dtype=corners.dtype, device=corners.device)
+    t = signs[:, None] * xyz[face_axis]  # [6, V]
+    inside = t > _MIN_COSINE * corners.norm(dim=1)
+    t = torch.where(inside, t, 1.0)
+    u_axis, v_axis = ([_PLANE_AXES[axis][k] for axis in face_axis] for k in (0, 1))
+    cube = torch.stack(
+        [(xyz[u_axis] / t + 1.0) * texels / 2 - 0.5, (xyz[v_axis] / t + 1.0) * texels / 2 - 0.5, -1.0 / t], -1
+    )
     size = _PLANE_TEXELS * 2.0 / texels
-    for axis, (u_axis, v_axis) in enumerate(_PLANE_AXES):
-        u, v = corners[:, u_axis] / size - 0.5, corners[:, v_axis] / size - 0.5
-        uvq.append(torch.stack([u, v, corners[:, axis]], dim=1))
-        allowed.append(torch.ones_like(u, dtype=torch.bool))
-    return torch.stack(uvq), torch.stack(allowed)
+    u_axis, v_axis = ([axes[k] for axes in _PLANE_AXES] for k in (0, 1))
+    plane = torch.stack([xyz[u_axis] / size - 0.5, xyz[v_axis] / size - 0.5, xyz], -1)  # [3, V, 3]
+    allowed = torch.cat([inside, torch.ones_like(inside[: len(_PLANE_AXES)])])
+    return torch.cat([cube, plane]), allowed
 
 
 def rasterize_owners(
@@ -264,18 +269,21 @@ def rasterize_owners(
     Vectorised scanlines over all charts at once (each chart's z-buffer is a region of one flat
     buffer): the barycentric weights are affine in the texel offset, so each (triangle, row of its
     bounding box) gets its span of inside columns in closed form, and each covered (triangle, texel)
-    costs a few gathers and one multiply-add for its
-    depth. Returns chart, i, j, near_triangle, near_q, far_triangle, far_q per covered texel.
+    costs a few gathers and one multiply-add for its depth. What a triangle's rows share (its weights,
+    their slopes, its z-buffer row start) is worked out once per triangle and gathered per row in one
+    go. Returns i, j, near_triangle, near_q, far_triangle, far_q per covered texel; the texel's chart
+    is its triangles'.
     """
-    device = tri.device
-    lo, hi = tri[:, :, :2].amin(dim=1).ceil(), tri[:, :, :2].amax(dim=1).floor()
+    device, chart_of_triangle = tri.device, chart
+    lo, hi = torch.aminmax(tri[:, :, :2], dim=1)
+    lo, hi = lo.ceil(), hi.floor()
     cube = (chart % _CHARTS < len(_CUBE))[:, None]
     lo, hi = torch.where(cube, lo.clamp_min(0.0), lo), torch.where(cube, hi.clamp_max(texels - 1.0), hi)
-    p, depth = tri[:, :, :2] - lo[:, None], tri[:, :, 2]  # corners relative to the box's first texel
+    p = tri[:, :, :2] - lo[:, None]  # corners relative to the box's first texel
     e1, e2 = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]
     area2 = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
     kept = torch.nonzero((area2.abs() > 1e-10) & (hi >= lo).all(dim=1)).squeeze(1)
-    p, depth, area2, chart = p[kept], depth[kept], area2[kept], chart[kept]
+    p, depth, area2, chart = p[kept], tri[kept, :, 2], area2[kept], chart[kept]
     lo, hi = lo[kept].long(), hi[kept].long()
     # each chart's z-buffer: the bounding box of its triangles, laid out one chart after the other
     origin = torch.full((views * _CHARTS, 2), _INT64_MAX, dtype=torch.int64, device=device)
@@ -285,29 +293,35 @@ def rasterize_owners(
     grid = (end - origin + 1).clamp_min(0)
     offset = torch.cumsum(grid[:, 0] * grid[:, 1], 0) - grid[:, 0] * grid[:, 1]
     # weight of corner k at offset (di, dj) from lo: cross(p[k+1] - q, p[k+2] - q) / area2, affine in (di, dj)
-    a, b = p[:, [1, 2, 0]], p[:, [2, 0, 1]]
-    w = (a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]) / area2[:, None]  # [T, 3]
-    w_di = (a[..., 1] - b[..., 1]) / area2[:, None]
-    w_dj = (b[..., 0] - a[..., 0]) / area2[:, None]
+    x, y = p.unbind(-1)
+    xa, ya, xb, yb = x.roll(-1, 1), y.roll(-1, 1), x.roll(-2, 1), y.roll(-2, 1)
+    w = (xa * yb - ya * xb) / area2[:, None]  # [T, 3]
+    w_di = (ya - yb) / area2[:, None]
+    w_dj = (xb - xa) / area2[:, None]
+    depth_slope = (w_dj * depth).sum(dim=1, keepdim=True)
+    per_tri = torch.cat([w, w_di, w_dj, depth, depth_slope, (hi[:, 1:] - lo[:, 1:]).to(w.dtype)], dim=1)
+    # the z-buffer index of the triangle's box's first texel, and its row stride
+    corner = offset[chart] + (lo[:, 0] - origin[chart, 0]) * grid[chart, 1] + lo[:, 1] - origin[chart, 1]
+    per_tri_int = torch.stack([corner, grid[chart, 1]], dim=1)
     # scanlines: one per (triangle, bounding-box row), with the span of columns inside all three edges
     rows = hi[:, 0] - lo[:, 0] + 1
     row_tri = torch.repeat_interleave(torch.arange(len(rows), device=device), rows)
-    di = torch.arange(len(row_tri), device=device) - (torch.cumsum(rows, 0) - rows)[row_tri]
-    weight_at_0 = w[row_tri] + w_di[row_tri] * di[:, None].to(w.dtype)  # [R, 3] at dj = 0
-    slope = w_dj[row_tri]
+    di = torch.arange(len(row_tri), device=device) - (torch.cumsum(rows, 0) - rows).index_select(0, row_tri)
+    row = per_tri.index_select(0, row_tri)
+    weight_at_0 = row[:, 0:3] + row[:, 3:6] * di[:, None].to(w.dtype)  # [R, 3] at dj = 0
+    slope = row[:, 6:9]
     bound = (-1e-6 - weight_at_0) / torch.where(slope == 0, 1.0, slope)
-    last_column = (hi[row_tri, 1] - lo[row_tri, 1]).to(w.dtype)
+    last_column = row[:, 13]
     lower = torch.where(slope > 0, bound, -math.inf).amax(dim=1)
     upper = torch.where(slope < 0, bound, math.inf).amin(dim=1)
     first = torch.minimum(lower.clamp_min(0.0), last_column + 1).ceil()
     last = torch.minimum(upper, last_column).clamp_min(-1.0).floor()
     blocked = ((slope == 0) & (weight_at_0 < -1e-6)).any(dim=1)
     count = torch.where(blocked, 0, (last - first + 1).clamp_min(0)).long()
-    depth_slope = (w_dj[row_tri] * depth[row_tri]).sum(dim=1)
-    depth0 = (weight_at_0 * depth[row_tri]).sum(dim=1) + depth_slope * first
-    c = chart[row_tri]
-    i0 = lo[row_tri, 0] + di - origin[c, 0]
-    flat0 = offset[c] + i0 * grid[c, 1] + (lo[row_tri, 1] + first.long() - origin[c, 1])
+    depth_slope = row[:, 12]
+    depth0 = (weight_at_0 * row[:, 9:12]).sum(dim=1) + depth_slope * first
+    row_int = per_tri_int.index_select(0, row_tri)
+    flat0 = row_int[:, 0] + di * row_int[:, 1] + first.long()
     keep = torch.nonzero(count).squeeze(1)
     count, flat0, depth0, depth_slope = count[keep], flat0[keep], depth0[keep], depth_slope[keep]
     row_tri = kept[row_tri[keep]]
@@ -317,45 +331,59 @@ def rasterize_owners(
     far = torch.full_like(near, _INT64_MIN)
     stop_at = torch.cumsum(count, 0)
     begin = stop_at - count
+    flat_shift = flat0 - begin  # a sample's z-buffer index is this plus its index among all samples
     first_row = 0
     while first_row < len(count):
         base = int(begin[first_row])
         stop = max(int(torch.searchsorted(stop_at, base + _CHUNK, right=True)), first_row + 1)
         row = torch.repeat_interleave(torch.arange(first_row, stop, device=device), count[first_row:stop])
-        local = torch.arange(base, base + len(row), device=device) - begin.index_select(0, row)
-        q = depth0.index_select(0, row) + depth_slope.index_select(0, row) * local.to(depth0.dtype)
-        key = _sortable(q) * (1 << 32) + row_tri.index_select(0, row)
-        flat = flat0.index_select(0, row) + local
+        sample = torch.arange(base, base + len(row), device=device)
+        local = (sample - begin.index_select(0, row)).to(depth0.dtype)
+        q = local.mul_(depth_slope.index_select(0, row)).add_(depth0.index_select(0, row))
+        key = _sortable(q).mul_(1 << 32).add_(row_tri.index_select(0, row))
+        flat = sample.add_(flat_shift.index_select(0, row))
         near.scatter_reduce_(0, flat, key, "amin")
         far.scatter_reduce_(0, flat, key, "amax")
         first_row = stop
     covered = torch.nonzero(near != _INT64_MAX).squeeze(1)
     near, far = near[covered], far[covered]
-    texel_chart = torch.searchsorted(offset, covered, right=True) - 1
-    local = covered - offset[texel_chart]
-    i = origin[texel_chart, 0] + local // grid[texel_chart, 1]
-    j = origin[texel_chart, 1] + local % grid[texel_chart, 1]
     near_tri, far_tri = near & 0xFFFFFFFF, far & 0xFFFFFFFF
-    return texel_chart, i, j, near_tri, _unsortable(near >> 32), far_tri, _unsortable(far >> 32)
+    # the texel's chart is its nearest triangle's: its z-buffer's origin, start and row length
+    layout = torch.cat([origin, offset[:, None], grid[:, 1:]], dim=1)
+    layout = layout.index_select(0, chart_of_triangle.index_select(0, near_tri))
+    local = covered - layout[:, 2]
+    i = local.div(layout[:, 3], rounding_mode="floor")
+    j = local - i * layout[:, 3] + layout[:, 1]
+    return i + layout[:, 0], j, near_tri, _unsortable(near >> 32), far_tri, _unsortable(far >> 32)
 
 
-def _slab_coordinate(
-    chart: torch.Tensor, i: torch.Tensor, j: torch.Tensor, q: torch.Tensor, texels: int
-) -> torch.Tensor:
-    """What the slabs cut: the radius |p| on a cube face (t |(u, v, 1)| with q = -1 / t), else the depth."""
+def _slab_scale(chart: torch.Tensor, i: torch.Tensor, j: torch.Tensor, texels: int) -> torch.Tensor:
+    """What turns a texel's depth q into what the slabs cut: on a cube face the radius |p| is
+    t |(u, v, 1)| with q = -1 / t, so -|(u, v, 1)| / q; a parallel chart cuts q itself (0 here)."""
     u, v = ((k + 0.5) * 2.0 / texels - 1.0 for k in (i, j))
-    return torch.where(chart < len(_CUBE), -torch.sqrt(1.0 + u * u + v * v) / q, q)
+    return torch.where(chart < len(_CUBE), -torch.sqrt(1.0 + u * u + v * v), 0.0)
+
+
+def _slab_coordinate(scale: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale < 0, scale / q, q)
 
 
 @dataclass
 class Footprints:
-    """The lattice cells the latent pixels of a batch of views own: cell `cells[n]` belongs to pixel
-    `pixel[n]` of view `view[n]`."""
+    """The lattice cells the latent pixels of a batch of views own: cell `cells[n]` belongs to latent
+    pixel `owner[n]` over all views (view-major), that is pixel `pixel[n]` of view `view[n]`."""
 
-    view: torch.Tensor  # [N] int64, the view's index in the batch
-    pixel: torch.Tensor  # [N] int64, row-major index into the view's h x w latent grid
+    owner: torch.Tensor  # [N] int64, view * h * w + the row-major pixel of the view's h x w grid
     cells: torch.Tensor  # [N] int64, packed (chart, i, j, slab); all distinct within a view
     foreground: torch.Tensor  # [B, h, w] bool: the pixel has at least one foreground triangle
+
+    @property
+    def view(self) -> torch.Tensor:
+        return self.owner // self.foreground[0].numel()
+
+    @property
+    def pixel(self) -> torch.Tensor:
+        return self.owner % self.foreground[0].numel()
 
 
 def lattice_limit(texels: int, slab: float) -> float:
@@ -393,23 +421,23 @@ def surface_footprints(
     faces = faces[kept]
     owner = kept // 2  # the latent pixel (over all views) of each face
     chart, face = torch.nonzero(allowed[:, faces].all(dim=-1), as_tuple=True)
-    tri = uvq[chart[:, None], faces[face]]  # [T, 3, 3]
-    view_chart = owner[face] // pixels * _CHARTS + chart
-    chart_of, i, j, near, near_q, far, far_q = rasterize_owners(tri, view_chart, texels, views)
-    chart_of = chart_of % _CHARTS
-    jitter, _ = _uniform_pair(hash64(pack_cells(chart_of, i, j, torch.zeros_like(i)) ^ _JITTER_SALT))
-    near_slab = torch.floor(_slab_coordinate(chart_of, i, j, near_q, texels) / slab + jitter).long()
-    far_slab = torch.floor(_slab_coordinate(chart_of, i, j, far_q, texels) / slab + jitter).long()
+    corner_index = (chart[:, None] * len(corners) + faces.index_select(0, face)).reshape(-1)
+    tri = uvq.reshape(-1, 3).index_select(0, corner_index).reshape(-1, 3, 3)  # [T, 3, 3]
+    owner = owner.index_select(0, face)  # now per triangle
+    i, j, near, near_q, far, far_q = rasterize_owners(tri, owner // pixels * _CHARTS + chart, texels, views)
+    chart = chart.index_select(0, near)  # a texel's chart is its triangles'
+    # the packed cell without its slab field, then the column's jitter and each crossing's slab
+    column = chart | ((i + _TEXEL_HALF) << 18) | ((j + _TEXEL_HALF) << 40)
+    jitter = _uniform_pair(hash64((column | (_SLAB_HALF << 4)) ^ _JITTER_SALT))[0]
+    scale = _slab_scale(chart, i, j, texels)
+    near_slab = torch.floor(_slab_coordinate(scale, near_q) / slab + jitter).long()
+    far_slab = torch.floor(_slab_coordinate(scale, far_q) / slab + jitter).long()
     extra = torch.nonzero((far != near) & (far_slab != near_slab)).squeeze(1)
-    owned = owner[face[torch.cat([near, far[extra]])]]
-    cells = torch.cat(
-        [
-            pack_cells(chart_of, i, j, near_slab),
-            pack_cells(chart_of[extra], i[extra], j[extra], far_slab[extra]),
-        ]
-    )
+    owned = owner.index_select(0, torch.cat([near, far.index_select(0, extra)]))
+    slabs = torch.cat([near_slab, far_slab.index_select(0, extra)])
+    cells = torch.cat([column, column.index_select(0, extra)]) | ((slabs + _SLAB_HALF) << 4)
     foreground = face_ok.reshape(views, *latent_hw, 2).any(dim=-1)
-    return Footprints(owned // pixels, owned % pixels, cells, foreground)
+    return Footprints(owned, cells, foreground)
 
 
 class ConsistentNoise(NoiseProvider):
@@ -464,7 +492,7 @@ class ConsistentNoise(NoiseProvider):
         h, w = query.latent_hw
         views, channels = query.points.shape[0], query.channels
         foot = self.footprints(query.points, query.opacity, query.latent_hw)
-        pixel = foot.view * (h * w) + foot.pixel
+        pixel = foot.owner
         values = self.texture.values(foot.cells, channels).to(torch.float64)
         sums = torch.zeros(views * h * w, channels, dtype=torch.float64, device=self.device)
         sums.index_add_(0, pixel, values)
