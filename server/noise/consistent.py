@@ -226,13 +226,13 @@ _INT64_MAX, _INT64_MIN = (1 << 63) - 1, -(1 << 63)
 
 def _sortable(depth: torch.Tensor) -> torch.Tensor:
     """int64 with the same order as the float32 depths (their bits, negatives' magnitude bits flipped)."""
-    bits = depth.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    bits = depth.to(torch.float32).contiguous().view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
 
 
 def _unsortable(key: torch.Tensor) -> torch.Tensor:
-    bits = torch.where(key < 0, key ^ 0x7FFFFFFF, key)
-    return bits.to(torch.int32).view(torch.float32)
+    bits = key.to(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).view(torch.float32)
 
 
 def chart_corners(corners: torch.Tensor, texels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,9 +322,7 @@ def rasterize_owners(
     depth0 = (weight_at_0 * row[:, 9:12]).sum(dim=1) + depth_slope * first
     row_int = per_tri_int.index_select(0, row_tri)
     flat0 = row_int[:, 0] + di * row_int[:, 1] + first.long()
-    keep = torch.nonzero(count).squeeze(1)
-    count, flat0, depth0, depth_slope = count[keep], flat0[keep], depth0[keep], depth_slope[keep]
-    row_tri = kept[row_tri[keep]]
+    row_tri = kept.index_select(0, row_tri)  # rows that cover nothing get no samples below
     near = torch.full(
         (int(offset[-1] + grid[-1, 0] * grid[-1, 1]),), _INT64_MAX, dtype=torch.int64, device=device
     )
@@ -492,12 +490,12 @@ class ConsistentNoise(NoiseProvider):
         h, w = query.latent_hw
         views, channels = query.points.shape[0], query.channels
         foot = self.footprints(query.points, query.opacity, query.latent_hw)
-        pixel = foot.owner
-        values = self.texture.values(foot.cells, channels).to(torch.float64)
-        sums = torch.zeros(views * h * w, channels, dtype=torch.float64, device=self.device)
-        sums.index_add_(0, pixel, values)
-        sums = sums.to(torch.float32).reshape(views, h, w, channels).permute(0, 3, 1, 2)
-        return sums, torch.bincount(pixel, minlength=views * h * w).reshape(views, h, w)
+        pixels = views * h * w
+        # float64 sums (the same float32 noise whatever order a device adds in), a channel at a time
+        values = self.texture.values(foot.cells, channels).t().to(torch.float64)  # [C, N], contiguous
+        sums = torch.stack([torch.bincount(foot.owner, weights=v, minlength=pixels) for v in values])
+        sums = sums.to(torch.float32).reshape(channels, views, h, w).transpose(0, 1)
+        return sums, torch.bincount(foot.owner, minlength=pixels).reshape(views, h, w)
 
     def sample(self, query: NoiseQuery) -> torch.Tensor:
         return self.sample_with_counts(query)[0]
