@@ -81,6 +81,11 @@ def test_lattice_cells_are_iid_normal_and_reinjection_is_a_variance_preserving_t
     second = texture.values(cells, 4).double().numpy()
     assert stats_ks(second) > 0.01
     assert np.corrcoef(first.ravel(), second.ravel())[0, 1] == pytest.approx(0.5, abs=0.01)
+    # one Cauchy phase turns every channel of a cell: the channels stay independent, within a step and
+    # across steps
+    for a, b in ((second[:, 0], second[:, 1]), (second[:, 2], second[:, 3]), (first[:, 0], second[:, 1])):
+        assert abs(np.corrcoef(a, b)[0, 1]) < 0.02
+    assert abs(np.corrcoef(second[:, 0] ** 2, second[:, 1] ** 2)[0, 1]) < 0.02  # not just uncorrelated
     texture.reinject(0.36)  # and 0.5 * 0.8 over both steps
     third = texture.values(cells, 4).double().numpy()
     assert stats_ks(third) > 0.01

@@ -164,7 +164,10 @@ class HashedWhiteNoise:
 
         Channel c's (A_c, B_c) is one Box-Muller pair (r_c cos theta_c, r_c sin theta_c), so
         A_c cos(phase) + B_c sin(phase) is r_c cos(theta_c - phase): one cosine a channel, and one
-        hash a channel plus one for the Cauchy frequency, all in one batch.
+        hash a channel plus one for the Cauchy frequency, all in one batch. Every stream hashes the
+        cell's hash again: with the cell's hash itself as channel 0's (as before), the summed noise of
+        the views of `test_the_iid_test_rejects_averaged_and_bilinearly_resampled_noise` gave KS p <=
+        0.013 on 3 of 12 seed sets; hashed again, 0.074 at the least.
         """
         salt = _int64(splitmix64(splitmix64(self.seed) ^ self.epoch))
         state = hash64(cells ^ salt)
