@@ -35,7 +35,16 @@ FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>\S+
 
 # Operations whose output size depends on device values: the host must learn the size before it can
 # allocate the result, which on a GPU is a wait like `.item()`.
-DATA_SIZED = {"nonzero", "masked_select", "unique", "_unique2", "unique_dim", "unique_consecutive"}
+# bincount: its result is as long as its input's largest value (CUDA reads it back even with minlength).
+DATA_SIZED = {
+    "nonzero",
+    "masked_select",
+    "unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "bincount",
+}
 HOST_METHODS = ("cpu", "numpy", "tolist")
 
 # Where a step may still wait, and why: each is the extraction or compaction of a variable-size result,

@@ -502,11 +502,14 @@ class ConsistentNoise(NoiseProvider):
         views, channels = query.points.shape[0], query.channels
         foot = self.footprints(query.points, query.opacity, query.latent_hw)
         pixels = views * h * w
-        # float64 sums (the same float32 noise whatever order a device adds in), a channel at a time
+        # float64 sums (the same float32 noise whatever order a device adds in), over [C, N] rows; no
+        # bincount: on a GPU it reads its input's range back to size its result
         values = self.texture.values(foot.cells, channels).t().to(torch.float64)  # [C, N], contiguous
-        sums = torch.stack([torch.bincount(foot.owner, weights=v, minlength=pixels) for v in values])
-        sums = sums.to(torch.float32).reshape(channels, views, h, w).transpose(0, 1)
-        return sums, torch.bincount(foot.owner, minlength=pixels).reshape(views, h, w)
+        sums = torch.zeros(channels, pixels, dtype=torch.float64, device=self.device)
+        sums = sums.index_add_(1, foot.owner, values).to(torch.float32)
+        counts = torch.zeros(pixels, dtype=torch.int64, device=self.device)
+        counts.index_add_(0, foot.owner, torch.ones_like(foot.owner))
+        return sums.reshape(channels, views, h, w).transpose(0, 1), counts.reshape(views, h, w)
 
     def sample(self, query: NoiseQuery) -> torch.Tensor:
         return self.sample_with_counts(query)[0]
