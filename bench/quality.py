@@ -74,21 +74,9 @@ from server.pipeline.texture import run_texture_job
 from server.priors import SHAPES_WEIGHTS
 from server.render.cameras import orbit_c2w
 from server.render.mesh import render_mesh
+from server.shapes import primitives
 from server.shapes.classify import judge
-from server.shapes.primitives import (
-    COLOURS,
-    CONE_HALF_HEIGHT,
-    CONE_RADIUS,
-    CUBE_HALF,
-    CYLINDER_HALF_HEIGHT,
-    CYLINDER_RADIUS,
-    SHAPES,
-    SPHERE_RADIUS,
-    TORUS_MAJOR,
-    TORUS_MINOR,
-    inside,
-    parse_caption,
-)
+from server.shapes.primitives import COLOURS, SHAPES, inside, parse_caption
 from server.shapes.solid import judge_colour, judge_solid, solid_ious, surface_error
 
 SPECIFIC_PROMPTS = ("a red cube", "a blue sphere")
@@ -292,13 +280,15 @@ def load_glb_z_up(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def true_primitive_mesh(shape: str) -> tuple[np.ndarray, np.ndarray]:
     """The named primitive as a triangle mesh at its true size and place (`server.shapes.primitives`)."""
     make = {
-        "cube": lambda: trimesh.creation.box(extents=[2 * CUBE_HALF] * 3),
-        "sphere": lambda: trimesh.creation.icosphere(4, SPHERE_RADIUS),
-        "cylinder": lambda: trimesh.creation.cylinder(CYLINDER_RADIUS, 2 * CYLINDER_HALF_HEIGHT, sections=64),
+        "cube": lambda: trimesh.creation.box(extents=[2 * primitives.CUBE_HALF] * 3),
+        "sphere": lambda: trimesh.creation.icosphere(4, primitives.SPHERE_RADIUS),
+        "cylinder": lambda: trimesh.creation.cylinder(
+            primitives.CYLINDER_RADIUS, 2 * primitives.CYLINDER_HALF_HEIGHT, sections=64
+        ),
         "cone": lambda: trimesh.creation.cone(
-            CONE_RADIUS, 2 * CONE_HALF_HEIGHT, sections=64
-        ).apply_translation([0.0, 0.0, -CONE_HALF_HEIGHT]),
-        "torus": lambda: trimesh.creation.torus(TORUS_MAJOR, TORUS_MINOR),
+            primitives.CONE_RADIUS, 2 * primitives.CONE_HALF_HEIGHT, sections=64
+        ).apply_translation([0.0, 0.0, -primitives.CONE_HALF_HEIGHT]),
+        "torus": lambda: trimesh.creation.torus(primitives.TORUS_MAJOR, primitives.TORUS_MINOR),
     }
     mesh = make[shape]()
     return np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64)
