@@ -74,6 +74,7 @@ from server.pipeline.texture import run_texture_job
 from server.priors import SHAPES_WEIGHTS
 from server.render.cameras import orbit_c2w
 from server.render.mesh import render_mesh
+from server.shapes import primitives
 from server.shapes.classify import judge
 from server.shapes.primitives import COLOURS, SHAPES, inside, parse_caption
 from server.shapes.solid import judge_colour, judge_solid, solid_ious, surface_error
@@ -276,9 +277,30 @@ def load_glb_z_up(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return vertices, np.asarray(mesh.faces), colours
 
 
+def true_primitive_mesh(shape: str) -> tuple[np.ndarray, np.ndarray]:
+    """The named primitive as a triangle mesh at its true size and place (`server.shapes.primitives`)."""
+    make = {
+        "cube": lambda: trimesh.creation.box(extents=[2 * primitives.CUBE_HALF] * 3),
+        "sphere": lambda: trimesh.creation.icosphere(4, primitives.SPHERE_RADIUS),
+        "cylinder": lambda: trimesh.creation.cylinder(
+            primitives.CYLINDER_RADIUS, 2 * primitives.CYLINDER_HALF_HEIGHT, sections=64
+        ),
+        "cone": lambda: trimesh.creation.cone(
+            primitives.CONE_RADIUS, 2 * primitives.CONE_HALF_HEIGHT, sections=64
+        ).apply_translation([0.0, 0.0, -primitives.CONE_HALF_HEIGHT]),
+        "torus": lambda: trimesh.creation.torus(primitives.TORUS_MAJOR, primitives.TORUS_MINOR),
+    }
+    mesh = make[shape]()
+    return np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64)
+
+
 def one_asset(job: dict) -> AssetRun:
-    """Run one job to its GLB (the product's whole path: optimise, bake, export) and judge the file."""
-    result = run_job(JobSpec.from_dict(job), None, Events(), lambda: False)
+    """Run one job to its GLB (the product's whole path: optimise, bake, export) and judge the file.
+    A job with "from_truth" starts from the true primitive its prompt names instead of the sphere: a
+    pipeline that cannot keep the right answer cannot find it."""
+    job = dict(job)
+    start = true_primitive_mesh(parse_caption(job["prompt"])[1]) if job.pop("from_truth", False) else None
+    result = run_job(JobSpec.from_dict(job), start, Events(), lambda: False, init_fill=None)
     return judge_asset(job, result.glb, result.seconds, result.preview_png)
 
 
@@ -555,6 +577,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the first of those seeds (the default was never used in tuning)",
     )
     parser.add_argument(
+        "--from-truth",
+        action="store_true",
+        help="start every shape-accuracy job from the true primitive (at its size) instead of the sphere: "
+        "how much of the right answer the pipeline keeps",
+    )
+    parser.add_argument(
         "--judge-assets",
         type=Path,
         default=None,
@@ -591,6 +619,7 @@ def main(args: argparse.Namespace) -> int:
     asset_jobs = [
         {"prompt": prompt, "method": method, "seed": seed, **settings, "device": "cpu"}
         | {"output_dir": str(args.out / "assets")}
+        | ({"from_truth": True} if args.from_truth else {})
         for (prompt, seed), method in itertools.product(
             shape_prompts(args.shape_seeds, args.shape_first_seed), methods
         )
@@ -683,6 +712,7 @@ def main(args: argparse.Namespace) -> int:
                 "specific": specific,
                 "open": open_prompts,
                 "shape_seeds": args.shape_seeds,
+                "from_truth": args.from_truth,
                 "shape_first_seed": args.shape_first_seed,
                 "shape_iou_floor": SHAPE_IOU_FLOOR,
                 "texture_seeds": args.texture_seeds,

@@ -298,3 +298,20 @@ def test_the_threestudio_comparison_loads_the_helper_from_a_file_and_times_the_s
     ratio = result["ms_threestudio"] / result["ms_ours"]
     assert result["threestudio_over_ours"] == pytest.approx(ratio, 0.01)
     assert "threestudio" not in sys.modules  # the stand-ins for its imports are gone again
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_job_from_the_truth_starts_as_the_true_primitive_at_its_size(shape):
+    """`--from-truth` measures how much of the right answer the pipeline keeps: its start must be the
+    named primitive (judged so, IoU > 0.9 on the job's grid) at its true size, not fitted to the box."""
+    vertices, faces = quality.true_primitive_mesh(shape)
+    spec = JobSpec.from_dict({"prompt": f"a red {shape}", "steps": 4, "grid_resolution": 32, "device": "cpu"})
+    mesh = start_job(spec, (vertices, faces), init_fill=None).geometry()
+    start = mesh.vertices.detach().numpy().astype(np.float64)
+    verdict, _ = quality.judge_solid(start, mesh.faces.numpy())
+    assert verdict == shape
+    assert quality.solid_ious(start, mesh.faces.numpy())[shape] > 0.9
+    true_extent = vertices.max(0) - vertices.min(0)
+    assert np.abs((start.max(0) - start.min(0)) - true_extent).max() < 2.0 / 32  # within a grid cell
+    fitted = start_job(spec, (vertices, faces)).geometry().vertices.detach().numpy()
+    assert (fitted.max(0) - fitted.min(0)).max() > 1.5  # an artist's mesh is still fitted to the box

@@ -68,12 +68,13 @@ def run_job(
     init_mesh: tuple[np.ndarray, np.ndarray] | None,
     events: Events,
     should_cancel: Callable[[], bool],
+    init_fill: float | None = 0.8,
 ) -> JobResult:
     """Optimise, then bake and export. Raises `Cancelled` within one step of `should_cancel()`; when
     `events.finish_requested()` turns true it stops optimising after the current step and delivers the
-    whole asset all the same, its job.json naming the step it stopped at."""
+    whole asset all the same, its job.json naming the step it stopped at. `init_fill`: as `start_job`."""
     start = time.perf_counter()
-    state = start_job(spec, init_mesh)
+    state = start_job(spec, init_mesh, init_fill=init_fill)
     loop = StepLoop(spec, events, should_cancel)
     for step in loop:
         outcome = optimisation_step(state, step)

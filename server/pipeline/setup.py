@@ -316,10 +316,15 @@ def texture_field(render_size: int, device: torch.device, encoding: Encoding | N
 
 
 def start_job(
-    spec: JobSpec, init_mesh: tuple[np.ndarray, np.ndarray] | None, prior: Prior | None = None
+    spec: JobSpec,
+    init_mesh: tuple[np.ndarray, np.ndarray] | None,
+    prior: Prior | None = None,
+    init_fill: float | None = 0.8,
 ) -> JobState:
     """A job's set-up: priors, geometry, colour field, optimiser, timesteps, noise and cameras, all
-    seeded by the job. `prior` replaces the priors the spec names (a benchmark's in-memory model)."""
+    seeded by the job. `prior` replaces the priors the spec names (a benchmark's in-memory model).
+    `init_fill`: the share of the box an artist's start mesh is scaled to span; None keeps its size
+    (the quality benchmark's start from the true primitive)."""
     opt = Optimisation()
     profile = spec.resolved_profile()
     device = resolve_device(spec.device)
@@ -337,7 +342,7 @@ def start_job(
 
     geometry = DMTet(kuhn_grid(profile.grid_resolution or spec.grid_resolution, radius=1.0), device=device)
     if init_mesh is not None:
-        geometry.init_from_mesh(*init_mesh, fill=0.8)
+        geometry.init_from_mesh(*init_mesh, fill=init_fill)
     elif spec.init_shape == "ellipsoid":
         geometry.init_ellipsoid((0.45, 0.45, 0.6))
     else:
