@@ -4,6 +4,9 @@ DDIM-samples every "a <colour> <shape>" prompt and judges each sample against re
 primitives (`server.shapes.classify`): the rate at which both the colour and the silhouette are
 right is the prior's binding rate. The judge itself is scored on true renders, so its own error is
 reported beside it. Writes a PNG grid (one row per prompt) so a person can see the samples.
+
+`--x0-grid PATH` instead draws what the prior makes of true renders at each noise level (the x0 it
+predicts from them, at two guidance scales): a distillation can only keep a shape the prior keeps.
 """
 
 from __future__ import annotations
@@ -15,12 +18,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from server.priors import load_prior
+from server.priors.base import Prior
 from server.priors.sample import image_grid, sample_images
+from server.render.cameras import OrbitRig
+from server.render.shading import sample_light_dirs
 from server.shapes.classify import judge
-from server.shapes.dataset import build_dataset
+from server.shapes.dataset import build_dataset, render_primitive
 from server.shapes.primitives import COLOURS, SHAPES, caption
+
+X0_TIMESTEPS = (300, 500, 700, 900)
+X0_GUIDANCE = (3.0, 10.0)
 
 
 def judge_accuracy_on_true_renders(n: int = 200) -> float:
@@ -34,6 +44,40 @@ def judge_accuracy_on_true_renders(n: int = 200) -> float:
     return float(np.mean(right))
 
 
+@torch.no_grad()
+def x0_probe(prior: Prior, views: int = 3, seed: int = 0) -> np.ndarray:
+    """[H, W, 3] grid: per primitive and guidance, `views` rows of (true render, x0 at each of
+    `X0_TIMESTEPS`), the noise drawn once per timestep so the guidance scales see the same x_t."""
+    rng = np.random.default_rng(seed)
+    cameras = OrbitRig().sample(rng, views)
+    size = prior.pixel_size
+    blocks = []
+    for shape, colour in zip(SHAPES, COLOURS, strict=False):
+        renders = np.stack(
+            [
+                render_primitive(shape, COLOURS[colour], c, size, sample_light_dirs(rng, c.position[None])[0])
+                for c in cameras
+            ]
+        )
+        latents = prior.encode_images(torch.from_numpy(renders).float().to(prior.device))
+        embeddings = prior.encode_prompt(caption(colour, shape))
+        cond = embeddings.cond[:1].expand(views, -1, -1)
+        uncond = embeddings.uncond.expand(views, -1, -1)
+        for guidance in X0_GUIDANCE:
+            columns = [renders]
+            for t in X0_TIMESTEPS:
+                alpha = float(prior.alphas_cumprod[t])
+                generator = torch.Generator().manual_seed(seed * 1000 + t)
+                noise = torch.randn(latents.shape, generator=generator).to(latents)
+                x_t = alpha**0.5 * latents + (1 - alpha) ** 0.5 * noise
+                eps_cond, eps_uncond = prior.predict_eps(x_t, t, cond, uncond)
+                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+                x0 = (x_t - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+                columns.append(prior.decode_latents(x0).clamp(0, 1).cpu().numpy())
+            blocks.append(np.concatenate([np.concatenate(list(c), axis=0) for c in columns], axis=1))
+    return np.concatenate(blocks, axis=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -44,10 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--png", type=Path, default=Path("outputs/shapes_prior_samples.png"))
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--x0-grid", type=Path, help="draw the prior's x0 of true renders into this PNG only")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     prior = load_prior(args.prior, "cpu", torch.float32)
+    if args.x0_grid is not None:
+        grid = (x0_probe(prior) * 255).round().astype(np.uint8)
+        args.x0_grid.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(args.x0_grid)
+        print(
+            f"x0 grid (rows: {', '.join(SHAPES)} x guidance {X0_GUIDANCE} x views; columns: the render, "
+            f"then t = {', '.join(map(str, X0_TIMESTEPS))}): {args.x0_grid}"
+        )
+        return 0
     rows, per_prompt = [], {}
     shape_right = colour_right = both_right = 0
     for shape in SHAPES:
