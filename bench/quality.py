@@ -74,10 +74,9 @@ from server.pipeline.texture import run_texture_job
 from server.priors import SHAPES_WEIGHTS
 from server.render.cameras import orbit_c2w
 from server.render.mesh import render_mesh
-from server.shapes import primitives
 from server.shapes.classify import judge
 from server.shapes.primitives import COLOURS, SHAPES, inside, parse_caption
-from server.shapes.solid import judge_colour, judge_solid, solid_ious, surface_error
+from server.shapes.solid import judge_colour, judge_solid, solid_ious, surface_error, true_primitive_mesh
 
 SPECIFIC_PROMPTS = ("a red cube", "a blue sphere")
 OPEN_PROMPTS = ("a shape", "a red shape", "a cube")
@@ -277,29 +276,15 @@ def load_glb_z_up(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return vertices, np.asarray(mesh.faces), colours
 
 
-def true_primitive_mesh(shape: str) -> tuple[np.ndarray, np.ndarray]:
-    """The named primitive as a triangle mesh at its true size and place (`server.shapes.primitives`)."""
-    make = {
-        "cube": lambda: trimesh.creation.box(extents=[2 * primitives.CUBE_HALF] * 3),
-        "sphere": lambda: trimesh.creation.icosphere(4, primitives.SPHERE_RADIUS),
-        "cylinder": lambda: trimesh.creation.cylinder(
-            primitives.CYLINDER_RADIUS, 2 * primitives.CYLINDER_HALF_HEIGHT, sections=64
-        ),
-        "cone": lambda: trimesh.creation.cone(
-            primitives.CONE_RADIUS, 2 * primitives.CONE_HALF_HEIGHT, sections=64
-        ).apply_translation([0.0, 0.0, -primitives.CONE_HALF_HEIGHT]),
-        "torus": lambda: trimesh.creation.torus(primitives.TORUS_MAJOR, primitives.TORUS_MINOR),
-    }
-    mesh = make[shape]()
-    return np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64)
-
-
 def one_asset(job: dict) -> AssetRun:
     """Run one job to its GLB (the product's whole path: optimise, bake, export) and judge the file.
     A job with "from_truth" starts from the true primitive its prompt names instead of the sphere: a
     pipeline that cannot keep the right answer cannot find it."""
     job = dict(job)
-    start = true_primitive_mesh(parse_caption(job["prompt"])[1]) if job.pop("from_truth", False) else None
+    start = None
+    if job.pop("from_truth", False):
+        mesh = true_primitive_mesh(parse_caption(job["prompt"])[1])
+        start = (np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64))
     result = run_job(JobSpec.from_dict(job), start, Events(), lambda: False, init_fill=None)
     return judge_asset(job, result.glb, result.seconds, result.preview_png)
 

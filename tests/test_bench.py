@@ -304,7 +304,8 @@ def test_the_threestudio_comparison_loads_the_helper_from_a_file_and_times_the_s
 def test_a_job_from_the_truth_starts_as_the_true_primitive_at_its_size(shape):
     """`--from-truth` measures how much of the right answer the pipeline keeps: its start must be the
     named primitive (judged so, IoU > 0.9 on the job's grid) at its true size, not fitted to the box."""
-    vertices, faces = quality.true_primitive_mesh(shape)
+    true = quality.true_primitive_mesh(shape)
+    vertices, faces = np.asarray(true.vertices, np.float32), np.asarray(true.faces)
     spec = JobSpec.from_dict({"prompt": f"a red {shape}", "steps": 4, "grid_resolution": 32, "device": "cpu"})
     mesh = start_job(spec, (vertices, faces), init_fill=None).geometry()
     start = mesh.vertices.detach().numpy().astype(np.float64)

@@ -6,17 +6,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from server.shapes.primitives import (
-    CONE_HALF_HEIGHT,
-    CONE_RADIUS,
-    CUBE_HALF,
-    CYLINDER_HALF_HEIGHT,
-    CYLINDER_RADIUS,
-    SPHERE_RADIUS,
-    TORUS_MAJOR,
-    TORUS_MINOR,
-)
-from server.shapes.solid import judge_solid, smallest_footprint_turn, solid_ious
+from server.shapes.solid import judge_solid, smallest_footprint_turn, solid_ious, true_primitive_mesh
 
 
 def turned(mesh: trimesh.Trimesh, degrees: float) -> trimesh.Trimesh:
@@ -25,22 +15,10 @@ def turned(mesh: trimesh.Trimesh, degrees: float) -> trimesh.Trimesh:
     return mesh
 
 
-def true_primitives() -> dict[str, trimesh.Trimesh]:
-    cone = trimesh.creation.cone(CONE_RADIUS, 2 * CONE_HALF_HEIGHT, sections=64)
-    cone.apply_translation([0, 0, -CONE_HALF_HEIGHT])  # trimesh's cone stands on z = 0
-    return {
-        "cube": trimesh.creation.box([2 * CUBE_HALF] * 3),
-        "sphere": trimesh.creation.icosphere(4, SPHERE_RADIUS),
-        "cylinder": trimesh.creation.cylinder(CYLINDER_RADIUS, 2 * CYLINDER_HALF_HEIGHT, sections=64),
-        "cone": cone,
-        "torus": trimesh.creation.torus(TORUS_MAJOR, TORUS_MINOR, major_sections=64, minor_sections=32),
-    }
-
-
 @pytest.mark.parametrize("shape", ["cube", "sphere", "cylinder", "cone", "torus"])
 def test_each_true_primitive_is_named_at_any_turn_and_size(shape):
     rng = np.random.default_rng(5)
-    mesh = true_primitives()[shape]
+    mesh = true_primitive_mesh(shape)
     for degrees in rng.uniform(0, 360, 3):
         moved = turned(mesh, degrees)
         moved.apply_scale(rng.uniform(0.5, 1.5))

@@ -10,6 +10,7 @@ Size and position are the optimiser's free choice; proportions are not: a flat d
 from __future__ import annotations
 
 import numpy as np
+import trimesh
 
 from server.geometry.mesh_sdf import lattice_inside
 from server.geometry.tetgrid import lattice_vertices
@@ -40,6 +41,23 @@ HALF_EXTENTS = {
     "cone": (CONE_RADIUS, CONE_HALF_HEIGHT),
     "torus": (TORUS_MAJOR + TORUS_MINOR, TORUS_MINOR),
 }
+
+
+def true_primitive_mesh(shape: str) -> trimesh.Trimesh:
+    """The named primitive as a triangle mesh at its true size and place (`server.shapes.primitives`)."""
+    creation = trimesh.creation
+    if shape == "cube":
+        return creation.box([2 * CUBE_HALF] * 3)
+    if shape == "sphere":
+        return creation.icosphere(4, SPHERE_RADIUS)
+    if shape == "cylinder":
+        return creation.cylinder(CYLINDER_RADIUS, 2 * CYLINDER_HALF_HEIGHT, sections=64)
+    if shape == "cone":  # trimesh's cone stands on z = 0
+        cone = creation.cone(CONE_RADIUS, 2 * CONE_HALF_HEIGHT, sections=64)
+        return cone.apply_translation([0.0, 0.0, -CONE_HALF_HEIGHT])
+    if shape == "torus":
+        return creation.torus(TORUS_MAJOR, TORUS_MINOR, major_sections=64, minor_sections=32)
+    raise ValueError(f"unknown shape {shape!r}; known shapes: {', '.join(SHAPES)}")
 
 
 def normalised(vertices: np.ndarray) -> np.ndarray:
