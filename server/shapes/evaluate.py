@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from server.distill.schedule import NoiseSchedule
+from server.distill.update import CFGForm, classifier_free_guidance
 from server.priors import load_prior
 from server.priors.base import Prior
 from server.priors.sample import image_grid, sample_images
@@ -63,18 +65,20 @@ def x0_probe(prior: Prior, views: int = 3, seed: int = 0) -> np.ndarray:
         embeddings = prior.encode_prompt(caption(colour, shape))
         cond = embeddings.cond[:1].expand(views, -1, -1)
         uncond = embeddings.uncond.expand(views, -1, -1)
+        schedule = NoiseSchedule.of(prior)
+        columns = {guidance: [renders] for guidance in X0_GUIDANCE}
+        for t in X0_TIMESTEPS:
+            generator = torch.Generator().manual_seed(seed * 1000 + t)
+            noise = torch.randn(latents.shape, generator=generator).to(latents)
+            x_t = schedule.alpha(t) * latents + schedule.sigma(t) * noise
+            eps_cond, eps_uncond = prior.predict_eps(x_t, t, cond, uncond)
+            for guidance in X0_GUIDANCE:
+                eps = classifier_free_guidance(eps_cond, eps_uncond, guidance, CFGForm.UNCOND)
+                x0 = (x_t - schedule.sigma(t) * eps) / schedule.alpha(t)
+                columns[guidance].append(prior.decode_latents(x0).clamp(0, 1).cpu().numpy())
         for guidance in X0_GUIDANCE:
-            columns = [renders]
-            for t in X0_TIMESTEPS:
-                alpha = float(prior.alphas_cumprod[t])
-                generator = torch.Generator().manual_seed(seed * 1000 + t)
-                noise = torch.randn(latents.shape, generator=generator).to(latents)
-                x_t = alpha**0.5 * latents + (1 - alpha) ** 0.5 * noise
-                eps_cond, eps_uncond = prior.predict_eps(x_t, t, cond, uncond)
-                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-                x0 = (x_t - (1 - alpha) ** 0.5 * eps) / alpha**0.5
-                columns.append(prior.decode_latents(x0).clamp(0, 1).cpu().numpy())
-            blocks.append(np.concatenate([np.concatenate(list(c), axis=0) for c in columns], axis=1))
+            rows = [np.concatenate(list(column), axis=0) for column in columns[guidance]]
+            blocks.append(np.concatenate(rows, axis=1))
     return np.concatenate(blocks, axis=0)
 
 
