@@ -516,7 +516,57 @@ def test_the_shapes_trainers_export_loads_as_the_shapes_prior(tmp_path, monkeypa
     eps_cond, eps_uncond = prior.predict_eps(x_t, 500, emb.cond, emb.uncond)
     with torch.no_grad():
         direct = unet.half().float()(
-            x_t, torch.tensor([500, 500]), encoder_hidden_states=emb.cond.expand(2, -1, -1)
+            x_t,
+            torch.tensor([500, 500]),
+            encoder_hidden_states=emb.cond.expand(2, -1, -1),
+            class_labels=torch.zeros(2, 3),  # no camera given: the "no camera" the trainer drops to
         )
     torch.testing.assert_close(eps_cond, direct.sample, rtol=1e-4, atol=1e-4)
     assert (eps_cond - eps_uncond).abs().max() > 1e-4
+
+
+def test_the_shapes_prior_sees_the_direction_each_view_is_seen_from(tmp_path, monkeypatch):
+    """A camera-conditioned shapes UNet gets each view's unit direction from its c2w, in both CFG
+    halves; a fresh camera projection (zero last layer) leaves a camera-free model's output unchanged."""
+    from transformers import CLIPTextModel
+
+    from server.render.cameras import orbit_c2w
+    from server.shapes import train
+    from server.shapes.primitives import all_captions
+    from server.shapes.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(all_captions(), tmp_path / "tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet, text_encoder = train.new_unet(), CLIPTextModel(train.text_config(tokenizer))
+    views = [(10.0, 30.0, 2.2), (40.0, -120.0, 2.6)]
+    c2w = torch.from_numpy(np.stack([orbit_c2w(*v) for v in views]))
+    x_t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def predictions(folder: str) -> tuple[torch.Tensor, torch.Tensor]:
+        train.export_weights(unet, text_encoder, tmp_path / "tokenizer", tmp_path / folder, {"steps": 0})
+        monkeypatch.setattr(priors, "SHAPES_WEIGHTS", tmp_path / folder)
+        prior = load_prior("shapes", "cpu", torch.float32)
+        assert prior.camera_conditioned
+        emb = prior.encode_prompt("a red cube")
+        with_camera = prior.predict_eps(x_t, 500, emb.cond, emb.uncond, c2w=c2w)
+        return torch.cat(with_camera), torch.cat(prior.predict_eps(x_t, 500, emb.cond, emb.uncond))
+
+    seen, unseen = predictions("fresh")
+    torch.testing.assert_close(seen, unseen, rtol=0, atol=0)
+
+    with torch.no_grad():
+        unet.class_embedding.linear_2.weight.normal_(0.0, 0.5)
+    seen, unseen = predictions("trained")
+    assert (seen - unseen).abs().max() > 1e-2
+    e, a = np.radians([v[0] for v in views]), np.radians([v[1] for v in views])
+    directions = torch.tensor(np.stack([np.cos(e) * np.cos(a), np.cos(e) * np.sin(a), np.sin(e)], 1)).float()
+    emb = load_prior("shapes", "cpu", torch.float32).encode_prompt("a red cube")
+    with torch.no_grad():
+        direct = unet.half().float()(
+            torch.cat([x_t, x_t]),
+            torch.tensor([500] * 4),
+            encoder_hidden_states=torch.cat([emb.cond.expand(2, -1, -1), emb.uncond.expand(2, -1, -1)]),
+            class_labels=directions.repeat(2, 1),
+        )
+    torch.testing.assert_close(seen, direct.sample, rtol=1e-4, atol=1e-4)

@@ -152,6 +152,25 @@ def cfg_batch(
     return torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), torch.cat([cond, uncond])
 
 
+# A camera-conditioned pixel prior (the shapes prior) takes the direction it is seen from: the unit
+# vector from the object's centre to the camera, 3 numbers; zeros mean "no camera" (trained as dropout).
+VIEW_DIRECTION_DIM = 3
+
+
+def view_directions(c2w: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """[batch, 3]: each camera's position on the unit sphere around the object, or zeros without cameras.
+
+    Orbit cameras look at the origin, so this is (cos e cos a, cos e sin a, sin e) for elevation e and
+    azimuth a (`server.render.cameras.orbit_c2w`); the radius is left out, as it barely varies in the rig.
+    """
+    if c2w is None:
+        return torch.zeros(batch, VIEW_DIRECTION_DIM, device=device)
+    position = c2w[..., :3, 3].to(device, torch.float32).reshape(-1, 3)
+    if position.shape[0] != batch:
+        raise ValueError(f"{position.shape[0]} cameras for a batch of {batch} images")
+    return position / position.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
 def rgb_to_model_input(rgb: torch.Tensor, size: int) -> torch.Tensor:
     """Renderer images [B, H, W, 3] in [0, 1] -> [B, 3, size, size] in [-1, 1], keeping the graph.
 

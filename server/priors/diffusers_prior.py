@@ -29,10 +29,12 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from server.job.errors import MissingWeightsError
 from server.priors.base import (
+    VIEW_DIRECTION_DIM,
     Prior,
     cfg_batch,
     model_output_to_rgb,
     rgb_to_model_input,
+    view_directions,
 )
 
 COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")
@@ -173,6 +175,11 @@ class DiffusersPrior(Prior):
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1
         self.pixel_size = self.latent_size * self.vae_scale_factor
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        # The shapes prior's UNet adds a projection of the view direction to its time embedding.
+        self.camera_conditioned = (
+            self.unet.config.class_embed_type == "projection"
+            and self.unet.config.projection_class_embeddings_input_dim == VIEW_DIRECTION_DIM
+        )
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.text_encoder, self.unet, self.vae) if m is not None]
@@ -235,10 +242,19 @@ class DiffusersPrior(Prior):
         uncond: torch.Tensor,
         c2w: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps_cond, eps_uncond) [B, C, h, w] in output_dtype from one UNet call on the 2B batch."""
+        """(eps_cond, eps_uncond) [B, C, h, w] in output_dtype from one UNet call on the 2B batch.
+
+        A camera-conditioned UNet sees each view's direction (`c2w`) in both halves: the camera is
+        part of the image's description, not of the prompt that guidance amplifies.
+        """
         x_t = x_t.to(self.device)
         x2, t2, context = cfg_batch(x_t, t, cond, uncond)
-        out = self.unet(x2.to(self.unet.dtype), t2, encoder_hidden_states=context.to(self.unet.dtype)).sample
+        camera = None
+        if self.camera_conditioned:
+            camera = view_directions(c2w, x_t.shape[0], self.device).repeat(2, 1).to(self.unet.dtype)
+        out = self.unet(
+            x2.to(self.unet.dtype), t2, encoder_hidden_states=context.to(self.unet.dtype), class_labels=camera
+        ).sample
         eps = self._to_eps(out.to(self.output_dtype), x2.to(self.output_dtype), t2)
         b = x_t.shape[0]
         return eps[:b], eps[b:]

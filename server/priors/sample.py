@@ -31,8 +31,10 @@ def sample_images(
     guidance_scale: float = 7.5,
     n: int = 4,
     negative_prompt: str = "",
+    c2w: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """n images [n, H, W, 3] in [0, 1] drawn by DDIM (eta = 0) from noise seeded by `seed`."""
+    """n images [n, H, W, 3] in [0, 1] drawn by DDIM (eta = 0) from noise seeded by `seed`; `c2w`
+    [n, 4, 4] are the cameras a camera-conditioned prior draws them from (others ignore it)."""
     embeddings = prior.encode_prompt(prompt, negative_prompt)
     scheduler = type(prior.scheduler).from_config(prior.scheduler.config)
     scheduler.set_timesteps(num_steps, device=prior.device)
@@ -40,7 +42,7 @@ def sample_images(
     shape = (n, prior.latent_channels, prior.latent_size, prior.latent_size)
     x = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(prior.device)
     for t in scheduler.timesteps:
-        eps_cond, eps_uncond = prior.predict_eps(x, int(t), embeddings.cond[:1], embeddings.uncond)
+        eps_cond, eps_uncond = prior.predict_eps(x, int(t), embeddings.cond[:1], embeddings.uncond, c2w=c2w)
         eps = classifier_free_guidance(eps_cond, eps_uncond, guidance_scale, CFGForm.UNCOND)
         x = scheduler.step(eps, t, x, eta=0.0).prev_sample
     return prior.decode_latents(x)

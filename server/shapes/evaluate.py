@@ -52,6 +52,7 @@ def x0_probe(prior: Prior, views: int = 3, seed: int = 0) -> np.ndarray:
     `X0_TIMESTEPS`), the noise drawn once per timestep so the guidance scales see the same x_t."""
     rng = np.random.default_rng(seed)
     cameras = OrbitRig().sample(rng, views)
+    c2w = torch.from_numpy(np.stack([c.c2w for c in cameras]))
     size = prior.pixel_size
     blocks = []
     for shape, colour in zip(SHAPES, COLOURS, strict=False):
@@ -71,7 +72,7 @@ def x0_probe(prior: Prior, views: int = 3, seed: int = 0) -> np.ndarray:
             generator = torch.Generator().manual_seed(seed * 1000 + t)
             noise = torch.randn(latents.shape, generator=generator).to(latents)
             x_t = schedule.alpha(t) * latents + schedule.sigma(t) * noise
-            eps_cond, eps_uncond = prior.predict_eps(x_t, t, cond, uncond)
+            eps_cond, eps_uncond = prior.predict_eps(x_t, t, cond, uncond, c2w=c2w)
             for guidance in X0_GUIDANCE:
                 eps = classifier_free_guidance(eps_cond, eps_uncond, guidance, CFGForm.UNCOND)
                 x0 = (x_t - schedule.sigma(t) * eps) / schedule.alpha(t)
@@ -108,11 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows, per_prompt = [], {}
     shape_right = colour_right = both_right = 0
+    # Each sample from its own rig camera (one set for every prompt), as a 3-D job's views are.
+    cameras = OrbitRig().sample(np.random.default_rng(0), args.samples)
+    c2w = torch.from_numpy(np.stack([c.c2w for c in cameras]))
     for shape in SHAPES:
         for colour in COLOURS:
             prompt = caption(colour, shape)
             images = sample_images(
-                prior, prompt, seed=0, num_steps=args.steps, guidance_scale=args.guidance, n=args.samples
+                prior,
+                prompt,
+                seed=0,
+                num_steps=args.steps,
+                guidance_scale=args.guidance,
+                n=args.samples,
+                c2w=c2w,
             )
             verdicts = judge(images.numpy())
             s = sum(v.shape == shape for v in verdicts)

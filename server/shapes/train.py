@@ -5,8 +5,12 @@ cosine schedule) with a small `CLIPTextModel` trained jointly. Colour must bind 
 so besides cross-attention at 16x16 and 8x8 the pooled text embedding is added to the time
 embedding (`addition_embed_type="text"`) and modulates every ResNet block (scale-shift norm): a
 global property like colour then reaches the 32x32 layers directly. Min-SNR-5 loss weighting speeds
-up convergence. Training resumes from `<run-dir>/checkpoint.pt` (full state) when present, else
-from the shipped weights (EMA weights, fresh optimiser), so it can continue across sessions.
+up convergence. The camera is conditioning too: the direction each image was seen from is projected
+into the time embedding (`class_embed_type="projection"`), so in 3-D each view is judged as the object
+looks from that camera rather than as whatever view of it the image resembles most; it is dropped for
+10 % of images, so the prior also samples without one. Training resumes from `<run-dir>/checkpoint.pt`
+(full state) when present, else from the shipped weights (EMA weights, fresh optimiser), so it can
+continue across sessions.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from server.priors.base import VIEW_DIRECTION_DIM, view_directions
+from server.render.cameras import orbit_c2w
 from server.shapes.dataset import load_or_build, sample_caption
 from server.shapes.primitives import COLOURS, SHAPES, all_captions
 from server.shapes.tokenizer import build_clip_tokenizer
@@ -31,6 +37,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 IMAGE_SIZE = 32
 TEXT_DIM = 64
 UNCOND_PROBABILITY = 0.1
+NO_CAMERA_PROBABILITY = 0.1
 MIN_SNR_GAMMA = 5.0
 
 
@@ -49,7 +56,24 @@ def unet_config() -> dict:
         addition_embed_type="text",
         addition_embed_type_num_heads=4,
         resnet_time_scale_shift="scale_shift",
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=VIEW_DIRECTION_DIM,
     )
+
+
+def new_unet() -> UNet2DConditionModel:
+    """The UNet with its camera projection's last layer at zero: adding the camera changes nothing
+    until training teaches it, so a camera-free model's weights continue unchanged."""
+    unet = UNet2DConditionModel(**unet_config())
+    torch.nn.init.zeros_(unet.class_embedding.linear_2.weight)
+    torch.nn.init.zeros_(unet.class_embedding.linear_2.bias)
+    return unet
+
+
+def dataset_view_directions(views: np.ndarray) -> torch.Tensor:
+    """[N, 3] the direction each training image was seen from, as the prior computes it from a c2w."""
+    c2w = torch.from_numpy(np.stack([orbit_c2w(e, a, r) for e, a, r, _ in views]))
+    return view_directions(c2w, len(views), torch.device("cpu"))
 
 
 def text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
@@ -146,15 +170,17 @@ def main(argv: list[str] | None = None) -> int:
         args.data_seed,
     )
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()  # uint8 [N,3,S,S]
+    directions = dataset_view_directions(data.views)
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**unet_config())
+    unet = new_unet()
     text_encoder = CLIPTextModel(text_config(tokenizer))
     modules = [unet, text_encoder]
     params = [p for m in modules for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2, foreach=True)
     ema = EMA(modules)
     step, seconds = 0, 0.0
+    camera_since = 0
     rng = np.random.default_rng(args.data_seed + 1)
 
     checkpoint = run_dir / "checkpoint.pt"
@@ -165,14 +191,20 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.load_state_dict(state["optimizer"])
         ema.shadow, ema.updates = state["ema"], state["ema_updates"]
         step, seconds, rng = state["step"], state["seconds"], state["rng"]
+        camera_since = state.get("camera_since_step", 0)
         print(f"resumed from {checkpoint} at step {step}", flush=True)
     elif (args.out / "training.json").exists():
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.out / "unet").float().state_dict())
+        shipped = UNet2DConditionModel.from_pretrained(args.out / "unet").float().state_dict()
+        missing, unexpected = unet.load_state_dict(shipped, strict=False)
+        if unexpected or any(not key.startswith("class_embedding.") for key in missing):
+            raise SystemExit(f"{args.out} holds another UNet (missing {missing}, unexpected {unexpected})")
         text_encoder.load_state_dict(CLIPTextModel.from_pretrained(args.out / "text_encoder").state_dict())
         info = json.loads((args.out / "training.json").read_text())
         step, seconds = info["steps"], info["train_seconds"]
+        camera_since = info.get("camera_since_step", step)
         ema = EMA(modules)
-        ema.updates = step
+        # A new camera projection needs an EMA that follows it from zero, not one already at 0.999.
+        ema.updates = 0 if missing else step
         print(f"continuing from the shipped EMA weights at step {step} (fresh optimiser)", flush=True)
 
     scheduler = noise_scheduler()
@@ -195,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "command": "python -m server.shapes.train",
             "parameters": sum(p.numel() for p in params),
+            "camera_since_step": camera_since,
         }
 
     def save_checkpoint() -> None:
@@ -209,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 "step": step,
                 "seconds": seconds,
                 "rng": rng,
+                "camera_since_step": camera_since,
             },
             tmp,
         )
@@ -241,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         x0 = images[idx].float() / 127.5 - 1.0
         flip = torch.from_numpy(rng.random(args.batch_size) < 0.5)
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)  # primitives are mirror-symmetric
+        # A mirrored view of a shape symmetric in y = 0 is the view from the mirrored azimuth: -y.
+        camera = directions[idx] * torch.where(flip[:, None], torch.tensor([1.0, -1.0, 1.0]), 1.0)
+        camera[torch.from_numpy(rng.random(args.batch_size) < NO_CAMERA_PROBABILITY)] = 0.0
         ids = tokenizer(
             captions,
             padding="max_length",
@@ -251,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
         t = torch.from_numpy(rng.integers(0, scheduler.config.num_train_timesteps, args.batch_size))
         x_t = scheduler.add_noise(x0, noise, t)
-        eps = unet(x_t, t, encoder_hidden_states=text_encoder(ids).last_hidden_state).sample
+        context = text_encoder(ids).last_hidden_state
+        eps = unet(x_t, t, encoder_hidden_states=context, class_labels=camera).sample
         loss = (loss_weight[t].float() * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
         warmup = min(1.0, (step + 1) / 200)
         for group in optimizer.param_groups:
