@@ -3,7 +3,10 @@
 DDIM-samples every "a <colour> <shape>" prompt and judges each sample against renders of the true
 primitives (`server.shapes.classify`): the rate at which both the colour and the silhouette are
 right is the prior's binding rate. The judge itself is scored on true renders, so its own error is
-reported beside it. Writes a PNG grid (one row per prompt) so a person can see the samples.
+reported beside it. Each sample is drawn for a rig camera; `view_iou` is the mean silhouette IoU of a
+sample against the true primitive seen from that camera: how well a camera-conditioned prior draws the
+view it is asked for (`--no-camera` draws the same samples without cameras, for comparison). Writes a
+PNG grid (one row per prompt) so a person can see the samples.
 
 `--x0-grid PATH` instead draws what the prior makes of true renders at each noise level (the x0 it
 predicts from them, at two guidance scales): a distillation can only keep a shape the prior keeps.
@@ -27,7 +30,7 @@ from server.priors.base import Prior
 from server.priors.sample import image_grid, sample_images
 from server.render.cameras import OrbitRig
 from server.render.shading import sample_light_dirs
-from server.shapes.classify import judge
+from server.shapes.classify import foreground, judge
 from server.shapes.dataset import build_dataset, render_primitive
 from server.shapes.primitives import COLOURS, SHAPES, caption
 
@@ -44,6 +47,13 @@ def judge_accuracy_on_true_renders(n: int = 200) -> float:
         for v, s, c in zip(verdicts, data.shape_ids, data.colour_ids, strict=True)
     ]
     return float(np.mean(right))
+
+
+def silhouette_ious(images: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """[N]: IoU of each image's foreground with the foreground of its true render."""
+    a, b = foreground(images), foreground(truth)
+    union = (a | b).sum(axis=(1, 2))
+    return np.where(union > 0, (a & b).sum(axis=(1, 2)) / np.maximum(union, 1), 1.0)
 
 
 @torch.no_grad()
@@ -94,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", type=Path, default=Path("outputs/shapes_prior_samples.png"))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--x0-grid", type=Path, help="draw the prior's x0 of true renders into this PNG only")
+    parser.add_argument("--no-camera", action="store_true", help="sample without giving the prior cameras")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -107,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             f"then t = {', '.join(map(str, X0_TIMESTEPS))}): {args.x0_grid}"
         )
         return 0
-    rows, per_prompt = [], {}
+    rows, per_prompt, view_ious = [], {}, []
     shape_right = colour_right = both_right = 0
     # Each sample from its own rig camera (one set for every prompt), as a 3-D job's views are.
-    cameras = OrbitRig().sample(np.random.default_rng(0), args.samples)
-    c2w = torch.from_numpy(np.stack([c.c2w for c in cameras]))
+    rng = np.random.default_rng(0)
+    cameras = OrbitRig().sample(rng, args.samples)
+    c2w = None if args.no_camera else torch.from_numpy(np.stack([c.c2w for c in cameras]))
     for shape in SHAPES:
         for colour in COLOURS:
             prompt = caption(colour, shape)
@@ -125,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
                 c2w=c2w,
             )
             verdicts = judge(images.numpy())
+            truth = np.stack(
+                [
+                    render_primitive(shape, COLOURS[colour], c, prior.pixel_size, light)
+                    for c in cameras
+                    for light in sample_light_dirs(rng, c.position[None])
+                ]
+            )
+            view_ious += silhouette_ious(images.numpy(), truth).tolist()
             s = sum(v.shape == shape for v in verdicts)
             c = sum(v.colour == colour for v in verdicts)
             b = sum(v.shape == shape and v.colour == colour for v in verdicts)
@@ -146,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         "colour_rate": colour_right / total,
         "binding_rate": both_right / total,
         "judge_accuracy_on_true_renders": judge_accuracy_on_true_renders(),
+        "view_iou": float(np.mean(view_ious)),
+        "cameras": not args.no_camera,
         "guidance": args.guidance,
         "ddim_steps": args.steps,
         "png": str(args.png),
@@ -157,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     judge_rate = summary["judge_accuracy_on_true_renders"]
     both = summary["binding_rate"]
     print(f"{rates}  both {both:.2f}  (judge on true renders: {judge_rate:.2f}); grid: {args.png}")
+    print(f"silhouette IoU against the true primitive from the asked camera: {summary['view_iou']:.3f}")
     if args.json:
         print(json.dumps(summary))
     return 0
