@@ -38,6 +38,11 @@ IMAGE_SIZE = 32
 TEXT_DIM = 64
 UNCOND_PROBABILITY = 0.1
 NO_CAMERA_PROBABILITY = 0.1
+# The camera projection starts at zero beside a trained network: at the network's learning rate it had
+# barely moved after 500 steps (samples drawn with and without cameras were the same pictures).
+CAMERA_LR_SCALE = 10.0
+# A flipped image of a primitive (all are symmetric in y = 0) is its view from azimuth -a: y negated.
+MIRROR = torch.tensor([1.0, -1.0, 1.0])
 MIN_SNR_GAMMA = 5.0
 
 
@@ -177,7 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     text_encoder = CLIPTextModel(text_config(tokenizer))
     modules = [unet, text_encoder]
     params = [p for m in modules for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2, foreach=True)
+    camera = list(unet.class_embedding.parameters())
+    rest = [p for p in params if all(p is not c for c in camera)]
+    optimizer = torch.optim.AdamW(
+        [{"params": rest, "lr_scale": 1.0}, {"params": camera, "lr_scale": CAMERA_LR_SCALE}],
+        lr=args.lr,
+        weight_decay=1e-2,
+        foreach=True,
+    )
     ema = EMA(modules)
     step, seconds = 0, 0.0
     camera_since = 0
@@ -201,10 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         text_encoder.load_state_dict(CLIPTextModel.from_pretrained(args.out / "text_encoder").state_dict())
         info = json.loads((args.out / "training.json").read_text())
         step, seconds = info["steps"], info["train_seconds"]
-        camera_since = info.get("camera_since_step", step)
+        camera_since = step if missing else info.get("camera_since_step", 0)
         ema = EMA(modules)
-        # A new camera projection needs an EMA that follows it from zero, not one already at 0.999.
-        ema.updates = 0 if missing else step
+        # The EMA restarts where the camera came in: one at 0.999 would hide it for thousands of steps.
+        ema.updates = step - camera_since
         print(f"continuing from the shipped EMA weights at step {step} (fresh optimiser)", flush=True)
 
     scheduler = noise_scheduler()
@@ -275,8 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         x0 = images[idx].float() / 127.5 - 1.0
         flip = torch.from_numpy(rng.random(args.batch_size) < 0.5)
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)  # primitives are mirror-symmetric
-        # A mirrored view of a shape symmetric in y = 0 is the view from the mirrored azimuth: -y.
-        camera = directions[idx] * torch.where(flip[:, None], torch.tensor([1.0, -1.0, 1.0]), 1.0)
+        camera = directions[idx] * torch.where(flip[:, None], MIRROR, 1.0)
         camera[torch.from_numpy(rng.random(args.batch_size) < NO_CAMERA_PROBABILITY)] = 0.0
         ids = tokenizer(
             captions,
@@ -293,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         loss = (loss_weight[t].float() * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
         warmup = min(1.0, (step + 1) / 200)
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * warmup
+            group["lr"] = args.lr * warmup * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
