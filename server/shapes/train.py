@@ -44,6 +44,7 @@ CAMERA_LR_SCALE = 10.0
 # A flipped image of a primitive (all are symmetric in y = 0) is its view from azimuth -a: y negated.
 MIRROR = torch.tensor([1.0, -1.0, 1.0])
 MIN_SNR_GAMMA = 5.0
+HIGH_NOISE_BOOST = 5.0
 
 
 def unet_config() -> dict:
@@ -222,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = noise_scheduler()
     alphas_cumprod = scheduler.alphas_cumprod
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    loss_weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
+    # Min-SNR-5, and up to 5x more weight where the noise dominates (SNR < 1): there an epsilon error
+    # is the x0 error times sqrt(SNR), so the silhouette, and the camera that decides it, barely count
+    # in plain epsilon loss; distillation lives at those noise levels.
+    loss_weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr * torch.clamp(1.0 / snr, 1.0, HIGH_NOISE_BOOST)
     colour_names = list(COLOURS)
 
     def info() -> dict:
