@@ -229,7 +229,10 @@ _CUBE = tuple((axis, sign) for axis in range(3) for sign in (1.0, -1.0))
 _PLANE_AXES = ((1, 2), (2, 0), (0, 1))  # the (u, v) world axes of the chart along x, y, z
 _CHARTS = len(_CUBE) + len(_PLANE_AXES)
 _PLANE_TEXELS = 1.0  # a parallel chart's texel (world units) over the cube map's (gnomonic units)
-_MIN_COSINE = 0.3  # a triangle enters a cube face only if all its corners lie within 72.5 deg of its axis
+# A triangle enters a cube face only if all its corners lie within 60 deg of its axis: every direction
+# is within 54.7 deg of one axis, so each still has a face, and the oblique entries, whose gnomonic
+# images are long slivers with wide bounding boxes, go (72.5 deg: CFD's steps 2.5 % dearer, same figures).
+_MIN_COSINE = 0.5
 _CHUNK = 1 << 17  # rasteriser texels per batch: bounds its memory at a few MB
 _INT64_MAX, _INT64_MIN = (1 << 63) - 1, -(1 << 63)
 
