@@ -19,7 +19,7 @@ from server.job.spec import JobSpec
 from server.pipeline.run import run_job
 from server.pipeline.setup import start_job
 from server.pipeline.step import optimisation_step
-from server.shapes.classify import foreground, judge
+from server.shapes.classify import foreground, judge, mask_ious
 from server.shapes.dataset import build_dataset
 from server.shapes.primitives import COLOURS, CUBE_HALF, SHAPES, SPHERE_RADIUS
 
@@ -94,6 +94,17 @@ def test_the_judge_measures_foreground_against_each_images_own_background():
     # threshold judged every tinted sample a full-frame cube.
     assert np.mean(right) >= 0.9
     assert foreground(tinted).mean() < 0.5
+
+
+def test_mask_iou_is_the_overlap_of_two_silhouettes_over_their_union():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((3, 8, 8)) < 0.4, rng.random((2, 8, 8)) < 0.6
+    ious = mask_ious(a, b)
+    for i, j in np.ndindex(3, 2):
+        assert ious[i, j] == pytest.approx((a[i] & b[j]).sum() / (a[i] | b[j]).sum())
+    assert np.allclose(np.diagonal(mask_ious(a, a)), 1.0)
+    empty = np.zeros((1, 8, 8), bool)
+    assert mask_ious(empty, empty)[0, 0] == 0.0 and mask_ious(a[:1], empty)[0, 0] == 0.0
 
 
 def test_an_object_covering_most_of_the_border_is_measured_against_white():

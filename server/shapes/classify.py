@@ -52,6 +52,15 @@ def foreground(images: np.ndarray) -> np.ndarray:
     return np.abs(images - background).max(axis=-1) > FOREGROUND_THRESHOLD
 
 
+def mask_ious(masks: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """[N, M]: IoU of each mask [N, S, S] with each reference mask [M, S, S] (0 where both are empty)."""
+    a = masks.reshape(len(masks), -1).astype(np.float32)
+    b = references.reshape(len(references), -1).astype(np.float32)
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
 @lru_cache(maxsize=4)
 def _references(
     size: int, views_per_shape: int = 48, seed: int = 1234
@@ -81,13 +90,8 @@ def judge(images: np.ndarray) -> list[Judgement]:
     size = images.shape[1]
     bank, bank_ids, colour_refs = _references(size)
     masks = foreground(images)
-    flat_bank = bank.reshape(len(bank), -1).astype(np.float32)
     results = []
-    for image, mask in zip(images, masks, strict=True):
-        flat = mask.reshape(-1).astype(np.float32)
-        inter = flat_bank @ flat
-        union = flat_bank.sum(1) + flat.sum() - inter
-        iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    for image, mask, iou in zip(images, masks, mask_ious(masks, bank), strict=True):
         best_per_shape = np.array([iou[bank_ids == s].max() for s in range(len(SHAPES))])
         s = int(best_per_shape.argmax())
         mean_colour = image[mask].mean(axis=0) if mask.any() else np.asarray(BACKGROUND, dtype=float)

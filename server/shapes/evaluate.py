@@ -31,7 +31,7 @@ from server.priors.base import Prior
 from server.priors.sample import image_grid, sample_images
 from server.render.cameras import OrbitRig, orbit_c2w
 from server.render.shading import sample_light_dirs
-from server.shapes.classify import foreground, judge
+from server.shapes.classify import foreground, judge, mask_ious
 from server.shapes.dataset import build_dataset, render_primitive
 from server.shapes.primitives import COLOURS, SHAPES, caption
 
@@ -79,13 +79,6 @@ def camera_gain(prior: Prior, n: int = 256, seed: int = 99) -> dict[str, float]:
         ]
         gains[str(t)] = 1.0 - errors[0] / errors[1]
     return gains
-
-
-def silhouette_ious(images: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """[N]: IoU of each image's foreground with the foreground of its true render."""
-    a, b = foreground(images), foreground(truth)
-    union = (a | b).sum(axis=(1, 2))
-    return np.where(union > 0, (a & b).sum(axis=(1, 2)) / np.maximum(union, 1), 1.0)
 
 
 @torch.no_grad()
@@ -176,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     for light in sample_light_dirs(rng, c.position[None])
                 ]
             )
-            view_ious += silhouette_ious(images.numpy(), truth).tolist()
+            view_ious += np.diagonal(mask_ious(foreground(images.numpy()), foreground(truth))).tolist()
             s = sum(v.shape == shape for v in verdicts)
             c = sum(v.colour == colour for v in verdicts)
             b = sum(v.shape == shape and v.colour == colour for v in verdicts)
