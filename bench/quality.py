@@ -65,7 +65,7 @@ from tqdm import tqdm
 
 from server.geometry.mesh_sdf import lattice_inside
 from server.geometry.tetgrid import lattice_vertices
-from server.job.errors import Cancelled
+from server.job.errors import Cancelled, ShapeVanishedError
 from server.job.events import Events
 from server.job.fixed_mesh import FixedMesh
 from server.job.spec import JobSpec
@@ -248,13 +248,16 @@ class AssetRun:
     method: str
     seed: int
     seconds: float
-    shape: str  # the primitive the GLB's solid is closest to
+    shape: str  # the primitive the GLB's solid is closest to; VANISHED when the job left no shape
     iou: float  # its IoU against the named primitive
     colour: str  # the named colour covering most of the textured surface
     shape_right: bool  # the named primitive, with IoU >= SHAPE_IOU_FLOOR
     colour_right: bool
-    surface_error: float  # mean distance from the named primitive's surface / its size
-    preview_png: str
+    surface_error: float | None  # mean distance from the named primitive's surface / its size
+    preview_png: str  # "" when there is no asset
+
+
+VANISHED = "vanished"
 
 
 def shape_prompts(seeds: int, first_seed: int = SHAPE_SEED_OFFSET) -> list[tuple[str, int]]:
@@ -285,7 +288,13 @@ def one_asset(job: dict) -> AssetRun:
     if job.pop("from_truth", False):
         mesh = true_primitive_mesh(parse_caption(job["prompt"])[1])
         start = (np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64))
-    result = run_job(JobSpec.from_dict(job), start, Events(), lambda: False, init_fill=None)
+    started = time.perf_counter()
+    try:
+        result = run_job(JobSpec.from_dict(job), start, Events(), lambda: False, init_fill=None)
+    except ShapeVanishedError:  # the user gets nothing: wrong in shape and colour; the bench goes on
+        seconds = round(time.perf_counter() - started, 2)
+        prompt, method, seed = job["prompt"], job["method"], job["seed"]
+        return AssetRun(prompt, method, seed, seconds, VANISHED, 0.0, VANISHED, False, False, None, "")
     return judge_asset(job, result.glb, result.seconds, result.preview_png)
 
 
@@ -406,7 +415,8 @@ def summarise_assets(assets: list[AssetRun], methods: list[str]) -> dict[str, di
             "shape_accuracy": _mean([float(a.shape_right) for a in group]),
             "colour_accuracy": _mean([float(a.colour_right) for a in group]),
             "shape_iou_mean": _mean([a.iou for a in group]),
-            "surface_error_mean": _mean([a.surface_error for a in group]),
+            "surface_error_mean": _mean([a.surface_error for a in group if a.surface_error is not None]),
+            "vanished": sum(a.shape == VANISHED for a in group),
             "shape_accuracy_per_shape": per_shape,
             "seconds_mean": _mean([a.seconds for a in group]),
         }
@@ -431,9 +441,10 @@ def save_asset_grid(path: Path, assets: list[AssetRun], methods: list[str]) -> N
             asset = by_key.get((shape, method, seed))
             if asset is None:
                 continue
-            with Image.open(asset.preview_png) as preview:
-                two_views = preview.convert("RGB").crop((0, 0, preview.width // 2, preview.height))
-                canvas.paste(two_views.resize((cell_w, cell_h)), (label + column * cell_w, top))
+            if asset.preview_png:
+                with Image.open(asset.preview_png) as preview:
+                    two_views = preview.convert("RGB").crop((0, 0, preview.width // 2, preview.height))
+                    canvas.paste(two_views.resize((cell_w, cell_h)), (label + column * cell_w, top))
             mark = "ok" if asset.shape_right and asset.colour_right else "x"
             text = f"{asset.prompt[2:]}: {asset.colour} {asset.shape} {asset.iou:.2f} {mark}"
             draw.text((label + column * cell_w + 2, top + cell_h), text, fill=(0, 0, 0))
@@ -532,7 +543,9 @@ def print_asset_table(result: dict, methods: list[str]) -> None:
     keys = ("shape_accuracy", "colour_accuracy", "shape_iou_mean", "surface_error_mean", "seconds_mean")
     print(f"\n{'judged from the GLB':<24}" + "".join(f"{m:>10}" for m in methods))
     for key in keys:
-        print(f"{key:<24}" + "".join(f"{result['methods'][m][key]:>10.3f}" for m in methods))
+        figures = [result["methods"][m][key] for m in methods]
+        print(f"{key:<24}" + "".join("-".rjust(10) if f is None else f"{f:>10.3f}" for f in figures))
+    print(f"{'vanished':<24}" + "".join(f"{result['methods'][m]['vanished']:>10}" for m in methods))
     for shape in SHAPES:
         figures = [result["methods"][m]["shape_accuracy_per_shape"][shape] for m in methods]
         print(f"{'  ' + shape:<24}" + "".join(f"{f:>10.2f}" for f in figures))

@@ -195,6 +195,34 @@ def test_quality_ends_with_the_figures_per_method_and_draws_a_grid(tmp_path, cap
     assert scores(bench(1)) == scores(result)  # seeded runs: workers change the time, not the figures
 
 
+def test_a_shape_that_vanishes_counts_as_wrong_and_the_bench_goes_on(tmp_path, monkeypatch):
+    """A vanished pink cone ended a 40-run accuracy bench with the error, and its figures with it."""
+    from PIL import Image
+
+    from server.job.errors import ShapeVanishedError
+
+    def vanish(*args, **kwargs):
+        raise ShapeVanishedError("the shape vanished at step 360: nothing is left to render")
+
+    monkeypatch.setattr(quality, "run_job", vanish)
+    gone = quality.one_asset({"prompt": "a pink cone", "method": "cfd", "seed": 103})
+    assert (gone.shape, gone.shape_right, gone.colour_right, gone.preview_png) == (
+        "vanished",
+        False,
+        False,
+        "",
+    )
+    Image.new("RGB", (512, 128), "white").save(tmp_path / "preview.png")
+    kept = quality.AssetRun(
+        "a red cone", "cfd", 100, 9.0, "cone", 0.8, "red", True, True, 0.02, str(tmp_path / "preview.png")
+    )
+    summary = quality.summarise_assets([gone, kept], ["cfd"])["cfd"]
+    assert summary["shape_accuracy"] == 0.5 and summary["colour_accuracy"] == 0.5 and summary["vanished"] == 1
+    assert summary["surface_error_mean"] == 0.02 and summary["shape_accuracy_per_shape"]["cone"] == 0.5
+    quality.save_asset_grid(tmp_path / "grid.png", [gone, kept], ["cfd"])
+    assert Image.open(tmp_path / "grid.png").size[0] > 256
+
+
 def test_texture_only_runs_are_judged_from_their_glbs_and_summarised(tmp_path):
     prompts = quality.texture_prompts(1)
     assert len(prompts) == 24 and {seed for _, seed in prompts} == set(range(100, 124))
