@@ -548,7 +548,7 @@ def print_asset_table(result: dict, methods: list[str]) -> None:
     print(f"{'vanished':<24}" + "".join(f"{result['methods'][m]['vanished']:>10}" for m in methods))
     for shape in SHAPES:
         figures = [result["methods"][m]["shape_accuracy_per_shape"][shape] for m in methods]
-        print(f"{'  ' + shape:<24}" + "".join(f"{f:>10.2f}" for f in figures))
+        print(f"{'  ' + shape:<24}" + "".join("-".rjust(10) if f is None else f"{f:>10.2f}" for f in figures))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

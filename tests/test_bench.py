@@ -195,8 +195,9 @@ def test_quality_ends_with_the_figures_per_method_and_draws_a_grid(tmp_path, cap
     assert scores(bench(1)) == scores(result)  # seeded runs: workers change the time, not the figures
 
 
-def test_a_shape_that_vanishes_counts_as_wrong_and_the_bench_goes_on(tmp_path, monkeypatch):
-    """A vanished pink cone ended a 40-run accuracy bench with the error, and its figures with it."""
+def test_a_shape_that_vanishes_counts_as_wrong_and_the_bench_goes_on(tmp_path, monkeypatch, capsys):
+    """A vanished pink cone ended a 40-run accuracy bench with the error, and its figures with it; the
+    table of a run that has no job of some primitive (a stopped run re-judged) shows a dash there."""
     from PIL import Image
 
     from server.job.errors import ShapeVanishedError
@@ -221,6 +222,10 @@ def test_a_shape_that_vanishes_counts_as_wrong_and_the_bench_goes_on(tmp_path, m
     assert summary["surface_error_mean"] == 0.02 and summary["shape_accuracy_per_shape"]["cone"] == 0.5
     quality.save_asset_grid(tmp_path / "grid.png", [gone, kept], ["cfd"])
     assert Image.open(tmp_path / "grid.png").size[0] > 256
+    capsys.readouterr()
+    quality.print_asset_table({"methods": {"cfd": summary}}, ["cfd"])
+    rows = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines() if line.startswith("  "))
+    assert rows["cone"].strip() == "0.50" and rows["torus"].strip() == "-"
 
 
 def test_texture_only_runs_are_judged_from_their_glbs_and_summarised(tmp_path):
