@@ -224,7 +224,8 @@ def test_a_shape_that_vanishes_counts_as_wrong_and_the_bench_goes_on(tmp_path, m
     assert Image.open(tmp_path / "grid.png").size[0] > 256
     capsys.readouterr()
     quality.print_asset_table({"methods": {"cfd": summary}}, ["cfd"])
-    rows = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines() if line.startswith("  "))
+    lines = capsys.readouterr().out.splitlines()
+    rows = dict(line.split(maxsplit=1) for line in lines if line.startswith("  "))
     assert rows["cone"].strip() == "0.50" and rows["torus"].strip() == "-"
 
 
