@@ -118,6 +118,42 @@ def test_the_detached_target_loss_has_exactly_the_flow_gradient():
     torch.testing.assert_close(step.grad, expected)
 
 
+class PointMassPrior:
+    """The exact denoiser of data that is always 0: x0_hat = 0, so eps_hat = x_t / sigma_t."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        self.schedule = schedule
+
+    def predict_eps(self, x_t, t, cond, uncond, c2w=None):
+        eps = x_t / self.schedule.sigma(int(t[0]))
+        return eps, eps
+
+
+@pytest.mark.parametrize("weighting", [Weighting.ONE, Weighting.LAMBDA])
+def test_the_opacity_term_weighs_as_the_flows_pull_on_a_render(weighting: Weighting):
+    """The shape stage's opacity weight follows how hard the flow pulls a render towards the prior's
+    estimate (grad = pull * (z - x0_hat)), capped at the pull where alpha_t = sigma_t: at w = 1 it is
+    weak while t is high; at w = sigma / alpha the pull, and so the weight, is the same at every t."""
+    from server.pipeline.step import flow_pull
+
+    schedule = sd_schedule()
+    z = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    pulls = {}
+    for t in (980, 900, 700, 500, 300, 100):
+        eps = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+        step = distillation_step(
+            PointMassPrior(schedule), z, eps, t, None, None, schedule, 1.0, CFGForm.UNCOND, weighting
+        )
+        pull = float((step.grad / z).mean())  # x0_hat = 0: grad = pull * z
+        torch.testing.assert_close(step.grad, pull * z)
+        pulls[t] = pull
+        assert flow_pull(schedule, t, weighting) == pytest.approx(min(pull, 1.0))
+    if weighting == Weighting.ONE:
+        assert pulls[980] < 0.1 < pulls[700] < 1.0 < pulls[300]
+    else:
+        assert all(p == pytest.approx(1.0) for p in pulls.values())
+
+
 def test_nan_predictions_are_zeroed_and_counted_and_all_nan_is_an_error():
     schedule = sd_schedule()
 

@@ -6,7 +6,7 @@ sphere bends but never opens a torus's hole (`shared/research/shape_diagnosis.md
 pipelines form the shape first in a volume (a NeRF) and hand its isosurface to DMTet. This is that
 first stage made small enough for a CPU: the SDF is the job's start (the DMTet's initial SDF on its
 lattice, so the default start is the same sphere) plus a learned coarse-to-fine pyramid of dense
-trilinear grids (8^3 + 16^3 by default), rendered with a logistic density of the SDF,
+trilinear grids (8^3 + 16^3 + 32^3 in the shapes pipeline), rendered with a logistic density of the SDF,
 sigma = sigmoid(-sdf / beta) / beta (NeuS/VolSDF family). While beta is wide, every sample near
 the surface gets gradient, so the surface can sweep through the volume and open holes; as beta
 shrinks the surface turns crisp. An eikonal term keeps the field a distance, so its zero level is
