@@ -18,6 +18,7 @@ from server.distill.update import (
     classifier_free_guidance,
     distillation_step,
     finite_loss,
+    flow_pull,
 )
 from server.job.errors import NonFiniteError
 from server.noise.base import FixedNoise, FreshNoise, NoiseQuery, mix_in_fresh
@@ -134,8 +135,6 @@ def test_the_opacity_term_weighs_as_the_flows_pull_on_a_render(weighting: Weight
     """The shape stage's opacity weight follows how hard the flow pulls a render towards the prior's
     estimate (grad = pull * (z - x0_hat)), capped at the pull where alpha_t = sigma_t: at w = 1 it is
     weak while t is high; at w = sigma / alpha the pull, and so the weight, is the same at every t."""
-    from server.pipeline.step import flow_pull
-
     schedule = sd_schedule()
     z = torch.randn(1, 4, 8, 8, dtype=torch.float64)
     pulls = {}

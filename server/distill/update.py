@@ -64,6 +64,18 @@ def weight(schedule: NoiseSchedule, t: int, weighting: Weighting) -> float:
     raise ValueError(f"unknown weighting {weighting!r}; use 'lambda' or 'one'")
 
 
+def flow_pull(schedule: NoiseSchedule, t: int, weighting: Weighting) -> float:
+    """How hard the flow pulls a render towards the prior's estimate at t, relative to its pull where
+    alpha_t = sigma_t, at most 1: grad = w(t) (eps_hat - eps) = w(t) alpha_t / sigma_t (z - x0_hat).
+
+    The shape stage's opacity term is weighed by it (`server.pipeline.step.volume_step`). At w = 1 the
+    pull at t = 900 is a sixth of that at t = 500, and a constant opacity weight outweighed the prior
+    wherever the object's colour is close to the background's: pink shapes on white were emptied or
+    shredded in the first steps under CFD, whose annealed t spends them all high (SDS's random t does not).
+    """
+    return min(weight(schedule, t, weighting) * schedule.alpha(t) / schedule.sigma(t), 1.0)
+
+
 @dataclass
 class DistillationStep:
     loss: torch.Tensor  # scalar; d loss / d latents == grad

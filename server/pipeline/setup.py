@@ -54,7 +54,7 @@ class Optimisation:
     volume_beta: tuple[float, float] = (0.05, 0.02)  # the density's width, annealed geometrically
     eikonal_weight: float = 100.0
     volume_smoothness_weight: float = 100.0
-    opacity_weight: float = 100.0  # times the flow's pull at t (`server.pipeline.step.flow_pull`)
+    opacity_weight: float = 100.0  # times the flow's pull at t (`server.distill.update.flow_pull`)
     island_cleanup_every: int = 25
 
 

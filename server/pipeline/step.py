@@ -7,8 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from server.distill.schedule import NoiseSchedule
-from server.distill.update import CFGForm, DistillationStep, Weighting, distillation_step, finite_loss, weight
+from server.distill.update import (
+    CFGForm,
+    DistillationStep,
+    Weighting,
+    distillation_step,
+    finite_loss,
+    flow_pull,
+)
 from server.geometry.dmtet import TriangleMesh
 from server.geometry.regularizers import laplacian_smoothness, mesh_edges, normal_consistency, sdf_sign_change
 from server.geometry.sdf_volume import VolumeRender
@@ -100,18 +106,6 @@ def volume_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepO
         with timer("hand_over"):
             hand_over(state)
     return StepOutcome(mesh, loss.detach(), t, True, None)
-
-
-def flow_pull(schedule: NoiseSchedule, t: int, weighting: Weighting) -> float:
-    """How hard the flow pulls a render towards the prior's estimate at t, relative to its pull where
-    alpha_t = sigma_t, at most 1: grad = w(t) (eps_hat - eps) = w(t) alpha_t / sigma_t (z - x0_hat).
-
-    The opacity term is weighed by it. At w = 1 the flow's pull at t = 900 is a sixth of its pull at
-    t = 500 and a constant opacity weight outweighs the prior wherever the object's colour is close to
-    the background's: pink shapes on white were emptied or shredded in the first steps under CFD,
-    whose annealed t spends them all high (SDS's random t does not).
-    """
-    return min(weight(schedule, t, weighting) * schedule.alpha(t) / schedule.sigma(t), 1.0)
 
 
 @torch.no_grad()
