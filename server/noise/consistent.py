@@ -24,10 +24,12 @@ The reference stores W as a [6 charts, 4 radial shells, 2048, 2048, 4] texture (
    reference's direction x radial-shell charts: a surface moving along its normal on a roughly
    star-shaped object stays in its radial cells. Plus three parallel charts, the planes orthogonal to
    x, y and z with slabs in the coordinate along the axis, their texels as large in world units as the
-   cube map's in gnomonic units (a fifth of the cells at radius 0.6): a surface element with normal n
-   projects onto them with total area (|n_x| + |n_y| + |n_z|) A >= A, so no surface is degenerate for
-   the whole set (the radial charts alone are, on surfaces that pass through the centre, where the
-   reference falls back to background noise).
+   cube map's in gnomonic units: a surface element with normal n projects onto them with total area
+   (|n_x| + |n_y| + |n_z|) A >= A, so no surface is degenerate for the whole set (the radial charts
+   alone are, on surfaces that pass through the centre, where the reference falls back to background
+   noise). A latent triangle enters them only where the cube map sees it poorly (`charts_of_faces`: its
+   normal over 60 deg from the radial direction), so a roughly star-shaped surface costs one chart, not
+   four.
 3. Footprints. As in the reference, the (h+1) x (w+1) latent-cell corners are masked averages of the
    true surface hits in a window around each corner, two triangles per latent pixel; a triangle is
    foreground if its three corners are opaque. A small rasteriser (below) covers each chart's texel
@@ -164,28 +166,26 @@ class HashedWhiteNoise:
             self.time += -0.5 * math.log1p(-gamma)
 
     def values(self, cells: torch.Tensor, channels: int) -> torch.Tensor:
-        """[N, channels] float32 noise of the packed cells [N].
+        """[N, channels] float32 noise of the packed cells [N] (a view of a [channels, N] tensor).
 
         Channel c's (A_c, B_c) is one Box-Muller pair (r_c cos theta_c, r_c sin theta_c), so
         A_c cos(phase) + B_c sin(phase) is r_c cos(theta_c - phase): one cosine a channel, and one
         hash a channel plus one for the Cauchy frequency. Every stream hashes the
         cell's hash again: with the cell's hash itself as channel 0's (as before), the summed noise of
         the views of `test_the_iid_test_rejects_averaged_and_bilinearly_resampled_noise` gave KS p <=
-        0.013 on 3 of 12 seed sets; hashed again, 0.074 at the least.
+        0.013 on 3 of 12 seed sets; hashed again, 0.074 at the least. All streams go through one
+        [channels (+ 1), N] pass: on a CPU a step's cells are few enough that the number of tensor
+        operations, not their size, sets the cost.
         """
         salt = _int64(splitmix64(splitmix64(self.seed) ^ self.epoch))
         state = hash64(cells ^ salt)
-        noise = torch.empty(channels, len(cells), dtype=torch.float32, device=cells.device)
-        if self.time != 0.0:  # the Cauchy(0, 1) frequency times L, from a stream after the channels'
-            phase = torch.tan(math.pi * (_uniform_pair(hash64(state + _int64(_GOLDEN * channels)))[0] - 0.5))
-            phase *= self.time
-        for c in range(channels):  # a stream at a time: the temporaries stay the size of `cells`
-            u1, u2 = _uniform_pair(hash64(state + _int64(_GOLDEN * c)))
-            angle = u2.mul_(2.0 * math.pi)
-            if self.time != 0.0:
-                angle -= phase
-            noise[c] = angle.cos_().mul_(u1.log_().mul_(-2.0).sqrt_())
-        return noise.t()
+        streams = channels + (self.time != 0.0)  # the Cauchy(0, 1) frequency's stream after the channels'
+        offsets = torch.arange(streams, dtype=torch.int64, device=cells.device).mul_(_int64(_GOLDEN))
+        u1, u2 = _uniform_pair(hash64(state[None] + offsets[:, None]))
+        angle = u2[:channels].mul_(2.0 * math.pi)
+        if self.time != 0.0:
+            angle -= torch.tan(math.pi * (u1[channels] - 0.5)).mul_(self.time)
+        return angle.cos_().mul_(u1[:channels].log_().mul_(-2.0).sqrt_()).t()
 
 
 def latent_corner_mesh(
@@ -233,6 +233,8 @@ _PLANE_TEXELS = 1.0  # a parallel chart's texel (world units) over the cube map'
 # is within 54.7 deg of one axis, so each still has a face, and the oblique entries, whose gnomonic
 # images are long slivers with wide bounding boxes, go (72.5 deg: CFD's steps 2.5 % dearer, same figures).
 _MIN_COSINE = 0.5
+# A face enters the parallel charts too only if its normal lies more than 60 deg from the radial direction.
+_FACING_COSINE = 0.5
 _CHUNK = 1 << 17  # rasteriser texels per batch: bounds its memory at a few MB
 _INT64_MAX, _INT64_MIN = (1 << 63) - 1, -(1 << 63)
 
@@ -267,6 +269,21 @@ def chart_corners(corners: torch.Tensor, texels: int) -> tuple[torch.Tensor, tor
     plane = torch.stack([xyz[u_axis] / size - 0.5, xyz[v_axis] / size - 0.5, xyz], -1)  # [3, V, 3]
     allowed = torch.cat([inside, torch.ones_like(inside[: len(_PLANE_AXES)])])
     return torch.cat([cube, plane]), allowed
+
+
+def charts_of_faces(corners: torch.Tensor, faces: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """[charts, F]: the charts each face enters. A cube face when all its corners may enter it; the
+    parallel charts only where the cube map sees the face poorly: its normal more than 60 deg from the
+    radial direction (the cube map's texels cover it at under half the density of a face turned to the
+    centre, and none as it passes through the centre), or no cube face takes it. Most of a
+    roughly star-shaped surface thus enters one chart instead of four; the rule reads the face's own
+    geometry, so two views of one surface patch choose alike."""
+    cube = allowed[: len(_CUBE), faces].all(dim=-1)  # [6, F]
+    a, b, c = corners.index_select(0, faces.reshape(-1)).reshape(-1, 3, 3).unbind(1)
+    normal, centre = torch.linalg.cross(b - a, c - a), a + b + c
+    facing = (normal * centre).sum(dim=-1).abs() >= _FACING_COSINE * normal.norm(dim=-1) * centre.norm(dim=-1)
+    plane = ~(facing & cube.any(dim=0))
+    return torch.cat([cube, plane[None].expand(len(_PLANE_AXES), -1)])
 
 
 def rasterize_owners(
@@ -432,7 +449,7 @@ def surface_footprints(
     kept = torch.nonzero(face_ok).squeeze(1)  # one wait for the size, shared by both selections
     faces = faces[kept]
     owner = kept // 2  # the latent pixel (over all views) of each face
-    chart, face = torch.nonzero(allowed[:, faces].all(dim=-1), as_tuple=True)
+    chart, face = torch.nonzero(charts_of_faces(corners, faces, allowed), as_tuple=True)
     corner_index = (chart[:, None] * len(corners) + faces.index_select(0, face)).reshape(-1)
     tri = uvq.reshape(-1, 3).index_select(0, corner_index).reshape(-1, 3, 3)  # [T, 3, 3]
     owner = owner.index_select(0, face)  # now per triangle
