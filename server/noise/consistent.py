@@ -57,18 +57,18 @@ The reference stores W as a [6 charts, 4 radial shells, 2048, 2048, 4] texture (
    screen-space noise shared by all views and re-injected like the cells ("fixed"), or fresh noise
    at every call ("fresh").
 
-Cost per view: the cells one view touches (at the default texel, 2 / (3 max(h, w)), about 50 per
-latent pixel on a sphere of radius 0.6 seen from radius 2.4 with fovy 40; the count grows as
-1 / radius^2 on the radial charts), a z-buffer pair per chart over the footprint's bounding box, and
-the rasteriser's spans in chunks of `_CHUNK`; no state beyond the background noise. The texel is a
-trade: at a texel 0.6 times as wide (about 150 cells per latent pixel)
-the noise cost 1.5 to 1.7 times as much, and the correlation at corresponding surface points of two
-views sat on the ideal footprint overlap just the same (`python -m server.bench noise`); at a texel
-1.5 times as wide (about 22 cells) it cost 0.5 to 0.65 times as much and sat 0.008 below the ideal
-at 30 degrees. All views of a query go through the footprints in one pass. On a CPU the time is a
-few dozen elementwise passes over the bounding boxes' rows, the covered texels and the owned cells
-(as many of each, give or take, at these texel sizes): what a triangle's rows share is worked out per
-triangle, and the hashes run in place.
+Cost per view: the cells one view touches (at the default texel, 2 / (3 max(h, w)), about 40 per
+latent pixel on a sphere of radius 0.6 seen from radius 2.4 with fovy 40, all on the cube map; the
+count grows as 1 / radius^2 on the radial charts), a z-buffer pair per chart over the footprint's
+bounding box, and the rasteriser's spans in chunks of `_CHUNK`; no state beyond the background noise.
+The texel is a trade: at a texel 0.6 times as wide (about 150 cells per latent pixel) the noise cost
+1.5 to 1.7 times as much, and the correlation at corresponding surface points of two views sat on the
+ideal footprint overlap just the same (`python -m server.bench noise`); at a texel 1.5 times as wide
+(about 22 cells) it cost 0.5 to 0.65 times as much and sat 0.008 below the ideal at 30 degrees. All
+views of a query go through the footprints in one pass. On a CPU the time is a few dozen elementwise
+passes over the bounding boxes' rows, the covered texels and the owned cells (as many of each, give or
+take, at these texel sizes): what a triangle's rows share is worked out per triangle, and the hashes
+run in place.
 """
 
 from __future__ import annotations
