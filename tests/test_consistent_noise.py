@@ -121,7 +121,7 @@ def test_every_cell_has_one_owner_and_no_pixel_on_the_object_falls_back(name):
         assert torch.all(foreground[covered[v]])
         assert torch.all(counts[foreground] > 0), "a foreground latent pixel integrates no cell"
         assert not torch.any(counts[~foreground])
-        assert counts[covered[v]].float().mean() > 18  # a close camera (radius 1.9) sees the fewest: 19.8
+        assert counts[covered[v]].float().mean() > 20
 
 
 def test_a_plate_through_the_centre_falls_back_nowhere_though_its_radial_charts_are_degenerate():
@@ -136,15 +136,6 @@ def test_a_plate_through_the_centre_falls_back_nowhere_though_its_radial_charts_
         radial_counts = torch.bincount(radial, minlength=32 * 32)[foot.foreground[0].ravel()]
         assert (radial_counts == 0).sum() > 0.1 * len(counts)  # direction charts alone would fall back here
         assert torch.all(counts > 0)
-
-
-def test_a_surface_turned_to_the_centre_takes_the_cube_map_alone():
-    """The parallel charts serve only what the cube map sees poorly: a sphere about the centre enters
-    none of them (one chart a latent triangle instead of four), the plate through it (above) does."""
-    query = render_query(SHAPES["sphere"], [orbit_camera(15.0, 30.0), orbit_camera(-30.0, 200.0)], 256, 32)
-    foot = ConsistentNoise(0, CPU).footprints(query.points, query.opacity, query.latent_hw)
-    assert len(foot.cells) > 10_000
-    assert torch.all((foot.cells & 15) < 6)
 
 
 def test_within_a_view_foreground_noise_is_iid_standard_normal():

@@ -24,12 +24,10 @@ The reference stores W as a [6 charts, 4 radial shells, 2048, 2048, 4] texture (
    reference's direction x radial-shell charts: a surface moving along its normal on a roughly
    star-shaped object stays in its radial cells. Plus three parallel charts, the planes orthogonal to
    x, y and z with slabs in the coordinate along the axis, their texels as large in world units as the
-   cube map's in gnomonic units: a surface element with normal n projects onto them with total area
-   (|n_x| + |n_y| + |n_z|) A >= A, so no surface is degenerate for the whole set (the radial charts
-   alone are, on surfaces that pass through the centre, where the reference falls back to background
-   noise). A latent triangle enters them only where the cube map sees it poorly (`charts_of_faces`: its
-   normal over 60 deg from the radial direction), so a roughly star-shaped surface costs one chart, not
-   four.
+   cube map's in gnomonic units (a fifth of the cells at radius 0.6): a surface element with normal n
+   projects onto them with total area (|n_x| + |n_y| + |n_z|) A >= A, so no surface is degenerate for
+   the whole set (the radial charts alone are, on surfaces that pass through the centre, where the
+   reference falls back to background noise).
 3. Footprints. As in the reference, the (h+1) x (w+1) latent-cell corners are masked averages of the
    true surface hits in a window around each corner, two triangles per latent pixel; a triangle is
    foreground if its three corners are opaque. A small rasteriser (below) covers each chart's texel
@@ -57,18 +55,18 @@ The reference stores W as a [6 charts, 4 radial shells, 2048, 2048, 4] texture (
    screen-space noise shared by all views and re-injected like the cells ("fixed"), or fresh noise
    at every call ("fresh").
 
-Cost per view: the cells one view touches (at the default texel, 2 / (3 max(h, w)), about 40 per
-latent pixel on a sphere of radius 0.6 seen from radius 2.4 with fovy 40, all on the cube map; the
-count grows as 1 / radius^2 on the radial charts), a z-buffer pair per chart over the footprint's
-bounding box, and the rasteriser's spans in chunks of `_CHUNK`; no state beyond the background noise.
-The texel is a trade: at a texel 0.6 times as wide (about 150 cells per latent pixel) the noise cost
-1.5 to 1.7 times as much, and the correlation at corresponding surface points of two views sat on the
-ideal footprint overlap just the same (`python -m server.bench noise`); at a texel 1.5 times as wide
-(about 22 cells) it cost 0.5 to 0.65 times as much and sat 0.008 below the ideal at 30 degrees. All
-views of a query go through the footprints in one pass. On a CPU the time is a few dozen elementwise
-passes over the bounding boxes' rows, the covered texels and the owned cells (as many of each, give or
-take, at these texel sizes): what a triangle's rows share is worked out per triangle, and the hashes
-run in place.
+Cost per view: the cells one view touches (at the default texel, 2 / (3 max(h, w)), about 50 per
+latent pixel on a sphere of radius 0.6 seen from radius 2.4 with fovy 40; the count grows as
+1 / radius^2 on the radial charts), a z-buffer pair per chart over the footprint's bounding box, and
+the rasteriser's spans in chunks of `_CHUNK`; no state beyond the background noise. The texel is a
+trade: at a texel 0.6 times as wide (about 150 cells per latent pixel)
+the noise cost 1.5 to 1.7 times as much, and the correlation at corresponding surface points of two
+views sat on the ideal footprint overlap just the same (`python -m server.bench noise`); at a texel
+1.5 times as wide (about 22 cells) it cost 0.5 to 0.65 times as much and sat 0.008 below the ideal
+at 30 degrees. All views of a query go through the footprints in one pass. On a CPU the time is a
+few dozen elementwise passes over the bounding boxes' rows, the covered texels and the owned cells
+(as many of each, give or take, at these texel sizes): what a triangle's rows share is worked out per
+triangle, and the hashes run in place.
 """
 
 from __future__ import annotations
@@ -235,8 +233,6 @@ _PLANE_TEXELS = 1.0  # a parallel chart's texel (world units) over the cube map'
 # is within 54.7 deg of one axis, so each still has a face, and the oblique entries, whose gnomonic
 # images are long slivers with wide bounding boxes, go (72.5 deg: CFD's steps 2.5 % dearer, same figures).
 _MIN_COSINE = 0.5
-# A face enters the parallel charts too only if its normal lies more than 60 deg from the radial direction.
-_FACING_COSINE = 0.5
 _CHUNK = 1 << 17  # rasteriser texels per batch: bounds its memory at a few MB
 _INT64_MAX, _INT64_MIN = (1 << 63) - 1, -(1 << 63)
 
@@ -271,21 +267,6 @@ def chart_corners(corners: torch.Tensor, texels: int) -> tuple[torch.Tensor, tor
     plane = torch.stack([xyz[u_axis] / size - 0.5, xyz[v_axis] / size - 0.5, xyz], -1)  # [3, V, 3]
     allowed = torch.cat([inside, torch.ones_like(inside[: len(_PLANE_AXES)])])
     return torch.cat([cube, plane]), allowed
-
-
-def charts_of_faces(corners: torch.Tensor, faces: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """[charts, F]: the charts each face enters. A cube face when all its corners may enter it; the
-    parallel charts only where the cube map sees the face poorly: its normal more than 60 deg from the
-    radial direction (the cube map's texels cover it at under half the density of a face turned to the
-    centre, and none as it passes through the centre), or no cube face takes it. Most of a
-    roughly star-shaped surface thus enters one chart instead of four; the rule reads the face's own
-    geometry, so two views of one surface patch choose alike."""
-    cube = allowed[: len(_CUBE), faces].all(dim=-1)  # [6, F]
-    a, b, c = corners.index_select(0, faces.reshape(-1)).reshape(-1, 3, 3).unbind(1)
-    normal, centre = torch.linalg.cross(b - a, c - a), a + b + c
-    facing = (normal * centre).sum(dim=-1).abs() >= _FACING_COSINE * normal.norm(dim=-1) * centre.norm(dim=-1)
-    plane = ~(facing & cube.any(dim=0))
-    return torch.cat([cube, plane[None].expand(len(_PLANE_AXES), -1)])
 
 
 def rasterize_owners(
@@ -451,7 +432,7 @@ def surface_footprints(
     kept = torch.nonzero(face_ok).squeeze(1)  # one wait for the size, shared by both selections
     faces = faces[kept]
     owner = kept // 2  # the latent pixel (over all views) of each face
-    chart, face = torch.nonzero(charts_of_faces(corners, faces, allowed), as_tuple=True)
+    chart, face = torch.nonzero(allowed[:, faces].all(dim=-1), as_tuple=True)
     corner_index = (chart[:, None] * len(corners) + faces.index_select(0, face)).reshape(-1)
     tri = uvq.reshape(-1, 3).index_select(0, corner_index).reshape(-1, 3, 3)  # [T, 3, 3]
     owner = owner.index_select(0, face)  # now per triangle
