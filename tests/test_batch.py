@@ -139,7 +139,9 @@ def test_the_command_line_joins_a_cluster_and_ends_with_the_batchs_json(ray_addr
 def test_ctrl_c_stops_the_running_jobs_and_keeps_the_finished_ones(ray_address, tmp_path: Path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "server", "batch", "--ray", ray_address, "--prompt", "a red cube"]
-    quick = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items()]
+    # Jobs long enough (a second or two each) that the second is still running when the signal lands:
+    # at QUICK's 6 steps all three could finish inside the poll before it.
+    quick = [f"--{k.replace('_', '-')}={v}" for k, v in {**QUICK, "steps": 40}.items()]
     child = subprocess.Popen(
         [*command, "--seeds", "0-2", *quick, "--workers", "1", "--out", str(out), "--json"],
         cwd=REPO,
