@@ -10,7 +10,11 @@ trilinear grids (8^3 + 16^3 + 32^3 in the shapes pipeline), rendered with a logi
 sigma = sigmoid(-sdf / beta) / beta (NeuS/VolSDF family). While beta is wide, every sample near
 the surface gets gradient, so the surface can sweep through the volume and open holes; as beta
 shrinks the surface turns crisp. An eikonal term keeps the field a distance, so its zero level is
-the surface (no density threshold to guess) and its gradient is the shading normal.
+the surface (no density threshold to guess) and its gradient is the shading normal. It penalises
+|grad sdf| only outside a band around 1 (`eikonal_slack`): on a trilinear grid the interpolated gradient
+of a true distance falls to about 0.7 along a sharp edge (two unit normals averaged), so the exact
+term rounds every edge off, and regularisers alone took a true cube from IoU 0.98 to 0.55
+(bench/README.md); with the band they keep it at 0.98.
 
 While the shape forms the volume has one albedo: with no texture there is nothing to paint a fake
 silhouette with (a sphere painted white where a torus has its hole). `VolumeRender` carries the
@@ -36,7 +40,7 @@ class VolumeRender:
     rgb: torch.Tensor  # [B,H,W,3] the shaded volume over the background
     opacity: torch.Tensor  # [B,H,W,1] accumulated alpha
     points: torch.Tensor  # [B,H,W,3] expected ray termination (the surface where opacity is high)
-    eikonal: torch.Tensor  # scalar: mean (|grad sdf| - 1)^2 over the samples
+    eikonal: torch.Tensor  # scalar: mean squared excess of |grad sdf| outside [1 - slack, 1 + slack]
     c2w: torch.Tensor  # [B,4,4]
     fovy: torch.Tensor  # [B]
 
@@ -107,9 +111,11 @@ class SDFVolume(nn.Module):
         beta: float,
         samples: int = 48,
         generator: torch.Generator | None = None,
+        eikonal_slack: float = 0.0,
     ) -> VolumeRender:
         """Alpha-composite `samples` jittered points per ray over its chord through the ball of `radius`,
-        each Lambert-shaded (the prior's shading model) with the albedo and the SDF's normal."""
+        each Lambert-shaded (the prior's shading model) with the albedo and the SDF's normal.
+        `eikonal_slack`: the eikonal term's band, `eikonal_excess`."""
         device = self.albedo_logit.device
         dirs = pixel_rays(c2w.to(device), fovy.to(device), size, size)  # [B,H,W,3]
         origins = c2w.to(device)[:, None, None, :3, 3].expand_as(dirs)
@@ -136,8 +142,14 @@ class SDFVolume(nn.Module):
         background = torch.tensor(BACKGROUND, device=device)
         rgb = (weights * shade).sum(-1, keepdim=True) * self.albedo() + (1.0 - opacity) * background
         surface = (weights[..., None] * points).sum(-2) / opacity.clamp_min(1e-6)
-        eikonal = (gradient.norm(dim=-1) - 1.0).pow(2).mean()
+        eikonal = eikonal_excess(gradient.norm(dim=-1), eikonal_slack).pow(2).mean()
         return VolumeRender(rgb, opacity, surface, eikonal, c2w, fovy)
+
+
+def eikonal_excess(gradient_norm: torch.Tensor, slack: float) -> torch.Tensor:
+    """How far |grad sdf| lies outside [1 - slack, 1 + slack] (signed; 0 inside the band): slack 0 is the
+    classic eikonal residual |grad sdf| - 1."""
+    return (gradient_norm - (1.0 + slack)).clamp_min(0.0) - ((1.0 - slack) - gradient_norm).clamp_min(0.0)
 
 
 def ball_chord(origins: torch.Tensor, dirs: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,6 +53,9 @@ class Optimisation:
     volume_views: int = 2  # per step, at least (the job's batch_size when larger): views must agree
     volume_beta: tuple[float, float] = (0.05, 0.02)  # the density's width, annealed geometrically
     eikonal_weight: float = 100.0
+    # |grad sdf| is free within 1 +- this: a trilinear grid's gradient across a sharp edge is about 0.7,
+    # and the exact term rounds cubes and cylinder rims off (`server.geometry.sdf_volume.eikonal_excess`).
+    eikonal_slack: float = 0.35
     volume_smoothness_weight: float = 100.0
     opacity_weight: float = 100.0  # times the flow's pull at t (`server.distill.update.flow_pull`)
     island_cleanup_every: int = 25

@@ -82,7 +82,14 @@ def volume_step(state: JobState, step: int, timer: StepTimer = UNTIMED) -> StepO
         half = max(spec.render_size // 2 // prior.latent_size, 1) * prior.latent_size
         size = run.render_size(step, half)
         view = volume.render(
-            c2w.to(device), fovy.to(device), size, light.to(device), beta, opt.volume_samples, state.generator
+            c2w.to(device),
+            fovy.to(device),
+            size,
+            light.to(device),
+            beta,
+            opt.volume_samples,
+            state.generator,
+            eikonal_slack=opt.eikonal_slack,
         )
     t = run.t(step, spec.steps, state.generator)
     latents, flow = flow_gradient(state, stage, run, view, t, elevation, azimuth, timer)
