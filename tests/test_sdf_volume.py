@@ -13,6 +13,7 @@ import trimesh
 from server.geometry.dmtet import DMTet
 from server.geometry.sdf_volume import SDFVolume, ball_chord, eikonal_excess
 from server.geometry.tetgrid import kuhn_grid
+from server.pipeline.setup import Optimisation
 from server.render.cameras import orbit_c2w
 from server.render.mesh import render_mesh
 from server.shapes.primitives import TORUS_MAJOR, TORUS_MINOR, sdf
@@ -137,8 +138,9 @@ def test_the_eikonal_band_keeps_a_cubes_edges_that_the_exact_term_rounds_off():
     smoothness at the job's weights, on two volume renders a step from the job's orbit): with the
     exact eikonal term the trilinear field's gradient along the edges (about 0.7) is penalised and
     the cube rounds off; within the band [0.65, 1.35] its edges cost nothing and the cube stays."""
+    opt = Optimisation()
     ious = {}
-    for slack in (0.0, 0.35):
+    for slack in (0.0, opt.eikonal_slack):
         torch.manual_seed(0)
         rng = np.random.default_rng(0)
         geometry = DMTet(kuhn_grid(32), device=DEVICE)
@@ -152,7 +154,7 @@ def test_the_eikonal_band_keeps_a_cubes_edges_that_the_exact_term_rounds_off():
             light = torch.nn.functional.normalize(c2w[:, :3, 3], dim=-1)
             beta = 0.05 * (0.4 ** (step / (steps - 1)))
             view = volume.render(c2w, fovy, 16, light, beta=beta, samples=32, eikonal_slack=slack)
-            loss = 100.0 * view.eikonal + 100.0 * volume.smoothness()
+            loss = opt.eikonal_weight * view.eikonal + opt.volume_smoothness_weight * volume.smoothness()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -160,7 +162,7 @@ def test_the_eikonal_band_keeps_a_cubes_edges_that_the_exact_term_rounds_off():
             geometry.sdf.copy_(volume.at(geometry.grid_vertices))
             mesh = geometry()
         ious[slack] = solid_ious(mesh.vertices.numpy(), mesh.faces.numpy())["cube"]
-    assert ious[0.35] > 0.95
+    assert ious[opt.eikonal_slack] > 0.95
     assert ious[0.0] < 0.75
 
 
